@@ -1,0 +1,251 @@
+"""Run plumbing shared by every method script: flags, errors, seeding, devices, DDP, run directories,
+checkpoints, progress lines and image grids. Nothing here knows about any GAN."""
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """An error the user can fix (bad path, bad flag, mismatched checkpoint...). Printed as one line, exit code 2."""
+
+
+@contextmanager
+def user_errors():
+    """Wrap a script's main: a UserError becomes one 'error: ...' line on stderr and exit code 2, no traceback."""
+    try:
+        yield
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def add_common_args(p, *, res, batch, iters, lr, data="digits", sample_every=1000, ckpt_every=1000,
+                    eval_every=0, eval_n=5000, log_every=100):
+    """The flags every method script shares, with the same names and meanings. Defaults are the method's paper values."""
+    g = p.add_argument_group("common")
+    g.add_argument("--data", default=data, help="dataset NAME (digits, shells, pokemon, ...) or a folder of images")
+    g.add_argument("--data-root", default=os.environ.get("GAN_DATA_ROOT", "data"),
+                   help="where named datasets live: <data-root>/<name> (env GAN_DATA_ROOT)")
+    g.add_argument("--res", type=int, default=res, help="image resolution (power of two)")
+    g.add_argument("--crop", choices=["squash", "center"], default="squash",
+                   help="squash: resize to res x res; center: centre-crop a square, then resize")
+    g.add_argument("--no-flip", action="store_true", help="disable random horizontal flips of real images")
+    g.add_argument("--batch", type=int, default=batch, help="total batch size (split across torchrun processes)")
+    g.add_argument("--iters", type=int, default=iters, help="total training iterations (a resumed run stops at the same total)")
+    g.add_argument("--lr", type=float, default=lr, help="learning rate")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--out", default=None, help="run directory (default runs/<method>-<data>-<res>-<seed>-<time>)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--resume", default=None, help="'auto' (continue <out>/ckpt/last.pt if it exists) or a checkpoint path")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA and CPU)")
+    g.add_argument("--workers", type=int, default=2, help="data-loading workers for large (streamed) datasets")
+    g.add_argument("--log-every", type=int, default=log_every, help="print a progress line every N iterations")
+    g.add_argument("--sample-every", type=int, default=sample_every, help="write samples/<step>.png every N iterations")
+    g.add_argument("--ckpt-every", type=int, default=ckpt_every, help="write ckpt/last.pt every N iterations")
+    g.add_argument("--eval-every", type=int, default=eval_every, help="FID/KID every N iterations (0: off; needs Inception weights)")
+    g.add_argument("--eval-n", type=int, default=eval_n, help="generated images per evaluation")
+    g.add_argument("--inception", default=None, help="local path of inception-2015-12-05.pt (env GAN_INCEPTION)")
+    return g
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name="auto", local_rank=0):
+    if name == "auto":
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but this PyTorch sees no CUDA GPU: use --device cpu")
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    return torch.device(name)
+
+
+class Dist:
+    """Process-group facts. Under `torchrun` (WORLD_SIZE > 1) this initialises torch.distributed (NCCL on CUDA, gloo on CPU)."""
+
+    def __init__(self, device_arg="auto"):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = pick_device(device_arg, self.local_rank)
+        if self.world > 1 and not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.is_main = self.rank == 0
+
+    def per_rank_batch(self, batch):
+        if batch % self.world:
+            raise UserError(f"--batch {batch} does not split over {self.world} processes: use a multiple of {self.world}")
+        return batch // self.world
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self):
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def prepare_run_dir(args, method, is_main=True):
+    """Fill in args.out, make <out>/samples and <out>/ckpt, write args.json. Returns the run directory."""
+    if args.out is None:
+        data = os.path.basename(os.path.normpath(str(args.data)))
+        args.out = os.path.join("runs", f"{method}-{data}-{args.res}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if is_main:
+        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+        os.makedirs(os.path.join(args.out, "ckpt"), exist_ok=True)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    return args.out
+
+
+def resolve_resume(args):
+    """--resume auto -> <out>/ckpt/last.pt if present (else None: fresh start); --resume PATH -> PATH (must exist)."""
+    if not args.resume:
+        return None
+    if args.resume == "auto":
+        path = os.path.join(args.out, "ckpt", "last.pt") if args.out else None
+        return path if path and os.path.isfile(path) else None
+    if not os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume}: no such checkpoint file (use --resume auto to start fresh when none exists)")
+    return args.resume
+
+
+def save_checkpoint(obj, path):
+    """Write to <path>.tmp, then rename: a crash mid-write never corrupts the previous checkpoint."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist: pass the path of a .pt file or a run directory")
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                        "is it a complete file written by this project?")
+
+
+def check_method(ckpt, method, path=""):
+    got = ckpt.get("method") if isinstance(ckpt, dict) else None
+    if got != method:
+        raise UserError(f"checkpoint {path} was written by {got!r}, not {method!r}: load it with {got}.py")
+
+
+def rng_state():
+    """All RNG states in a form torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st):
+    torch.set_rng_state(st["torch"])
+    v, s, g = st["python"]
+    random.setstate((v, tuple(s), g))
+    n = st["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def check_finite(losses, step, out=None):
+    """Stop with one clear line on NaN/inf instead of silently writing broken checkpoints."""
+    for k, v in losses.items():
+        if not math.isfinite(float(v)):
+            where = f"; the last good checkpoint is {os.path.join(out, 'ckpt', 'last.pt')}" if out else ""
+            raise UserError(f"loss {k} became {float(v)} at iteration {step}: lower --lr or run without --amp{where}")
+
+
+class Progress:
+    """Prints 'it 120/50000 | 3.41 it/s | ETA 4h03m | loss_d 0.52 loss_g 1.20' every `every` iterations
+    and appends the same numbers as {"iter": it, ...} to <out>/metrics.jsonl when `out` is given."""
+
+    def __init__(self, total, start=0, every=100, enabled=True, out=None):
+        self.total, self.every, self.enabled, self.out = total, every, enabled, out
+        self.t0, self.i0 = time.time(), start
+
+    def rate(self, it):
+        return (it - self.i0) / max(time.time() - self.t0, 1e-9)
+
+    def __call__(self, it, **losses):
+        if not self.enabled or (it % self.every and it != self.total):
+            return
+        r = self.rate(it)
+        eta = (self.total - it) / max(r, 1e-9)
+        h, m = divmod(int(eta) // 60, 60)
+        vals = " ".join(f"{k} {float(v):.4g}" for k, v in losses.items())
+        print(f"it {it}/{self.total} | {r:.3g} it/s | ETA {h}h{m:02d}m | {vals}", flush=True)
+        if self.out:
+            log_metrics(self.out, {"iter": it, **{k: float(v) for k, v in losses.items()}})
+
+
+def log_metrics(out, record):
+    """Append one JSON line to <out>/metrics.jsonl."""
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def to_uint8(x):
+    """[-1, 1] float NCHW -> uint8 NCHW."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def save_grid(images, path, nrow=None):
+    """Save a [-1, 1] NCHW batch as one PNG grid (written to a temp file, then renamed)."""
+    import torchvision.utils as vutils
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
+    grid = vutils.make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=nrow, normalize=True, value_range=(-1, 1))
+    tmp = path + ".tmp.png"
+    vutils.save_image(grid, tmp)
+    os.replace(tmp, path)
+
+
+def autocast(device, enabled):
+    """bf16 autocast on CUDA and CPU when --amp is set."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def count_params(module, trainable_only=False):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+class SamplerBase:
+    """The contract eval.py relies on. Each method script defines `load_for_sampling(ckpt, device) -> Sampler`
+    where Sampler subclasses this and implements `latents` and `generate` (EMA generator, eval mode, no grad).
+    Optional: `style_mix(lat_a, lat_b) -> images` (coarse structure from a, the rest from b)."""
+    res = None
+
+    def latents(self, n, seed):
+        """[n, d] latent codes on the device, a deterministic function of `seed`."""
+        raise NotImplementedError
+
+    def generate(self, latents):
+        """Images in [-1, 1], [n, 3, res, res], for the given latents."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, n, seed=0, batch=32):
+        z = self.latents(n, seed)
+        return torch.cat([self.generate(z[i:i + batch]).float() for i in range(0, n, batch)])
