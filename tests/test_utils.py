@@ -1,0 +1,107 @@
+"""common/utils.py: checkpoints, RNG state, resume resolution, errors, progress log."""
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from common.utils import (Dist, Progress, UserError, add_common_args, check_finite, load_checkpoint, pick_device,
+                          prepare_run_dir, resolve_resume, rng_state, save_checkpoint, set_rng_state)
+
+
+def draws():
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+def test_checkpoint_roundtrip_restores_rng_with_weights_only(tmp_path):
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    path = str(tmp_path / "ckpt" / "last.pt")
+    save_checkpoint({"method": "x", "step": 7, "rng": rng_state(), "w": torch.ones(2)}, path)
+    expected = draws()
+    assert not os.path.exists(path + ".tmp")
+    ck = load_checkpoint(path)  # weights_only=True inside
+    set_rng_state(ck["rng"])
+    assert draws() == expected and ck["step"] == 7
+
+
+def test_bad_checkpoint_is_one_clear_error(tmp_path):
+    p = tmp_path / "broken.pt"
+    p.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        load_checkpoint(str(p))
+    with pytest.raises(UserError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "nope.pt"))
+
+
+def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    save_checkpoint({"step": 1}, path)
+
+    def boom(obj, f, *a, **k):
+        open(f, "wb").write(b"half")
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(RuntimeError):
+        save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1  # the previous checkpoint survives
+
+
+def parse(argv):
+    p = argparse.ArgumentParser()
+    add_common_args(p, res=32, batch=8, iters=10, lr=2e-4)
+    return p.parse_args(argv)
+
+
+def test_run_dir_and_resume_resolution(tmp_path):
+    args = parse(["--out", str(tmp_path / "run"), "--resume", "auto"])
+    prepare_run_dir(args, "m")
+    assert json.load(open(tmp_path / "run" / "args.json"))["res"] == 32
+    assert os.path.isdir(tmp_path / "run" / "samples") and os.path.isdir(tmp_path / "run" / "ckpt")
+    assert resolve_resume(args) is None  # auto with nothing saved: fresh start
+    save_checkpoint({}, str(tmp_path / "run" / "ckpt" / "last.pt"))
+    assert resolve_resume(args) == str(tmp_path / "run" / "ckpt" / "last.pt")
+    args.resume = str(tmp_path / "missing.pt")
+    with pytest.raises(UserError, match="no such checkpoint"):
+        resolve_resume(args)
+    default = parse(["--data", "some/folder/shells"])
+    prepare_run_dir(default, "fastgan", is_main=False)
+    assert os.path.basename(default.out).startswith("fastgan-shells-32-0-")
+
+
+def test_nan_and_device_and_batch_errors():
+    check_finite({"d": 1.0, "g": torch.tensor(2.0)}, 3)
+    with pytest.raises(UserError, match="loss g became nan at iteration 3"):
+        check_finite({"d": 1.0, "g": float("nan")}, 3)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            pick_device("cuda")
+    assert pick_device("cpu").type == "cpu"
+    d = Dist("cpu")
+    assert d.world == 1 and d.per_rank_batch(8) == 8
+    d.world = 3
+    with pytest.raises(UserError, match="multiple of 3"):
+        d.per_rank_batch(8)
+
+
+def test_progress_prints_and_logs(tmp_path, capsys):
+    p = Progress(total=10, every=5, out=str(tmp_path))
+    for it in range(1, 11):
+        p(it, loss_d=0.5, loss_g=torch.tensor(1.25))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("it 5/10 |") and "it/s" in lines[0] and "ETA" in lines[0]
+    assert "loss_g 1.25" in lines[1]
+    recs = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert recs == [{"iter": 5, "loss_d": 0.5, "loss_g": 1.25}, {"iter": 10, "loss_d": 0.5, "loss_g": 1.25}]
+
+
+def test_user_errors_print_one_line_and_exit_2():
+    code = "from common.utils import *\nwith user_errors():\n    raise UserError('bad thing: do X')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 2 and r.stderr == "error: bad thing: do X\n"
