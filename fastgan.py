@@ -1,0 +1,615 @@
+"""FastGAN: "Towards Faster and Stabilized GAN Training for High-fidelity Few-shot Image Synthesis"
+(Liu, Zhu, Song, Elgammal, ICLR 2021), a single-file port of the authors' code (odegeasslbc/FastGAN-pytorch).
+
+Implemented (paper section / figure in brackets)
+- Generator [Fig. 3]: init block (SN ConvTranspose 4x4, BN, GLU), UpBlock and UpBlockComp (with noise injection),
+  GLU everywhere, the four skip-layer excitation (SLE) modules 4->64, 8->128, 16->256, 32->512 [eq. 1], the `to_128`
+  and `to_big` outputs; spectral norm on every conv; the authors' init (conv N(0, .02), BN weight N(1, .02), bias 0).
+- Discriminator [Fig. 4]: `down_from_big` per resolution, DownBlockComp, the big branch (with its three SLEs) and the
+  128 branch, 5x5 logits each, three decoders (8x8 big feature, 8x8 small feature, one random quadrant of the 16x16
+  big feature) and the reconstruction loss on real images only [eq. 2].
+- Losses as in the authors' code: D hinge with a random margin 0.8 + 0.2 U per logit, reconstruction terms summed
+  over the batch for each of the three decoders; G: -mean D(G(z)) [eq. 4]. `--hinge plain` gives paper eq. 3.
+- DiffAugment `color,translation` on every D input (the real batch once, each fake output independently), EMA of G
+  (0.999, parameters; buffers from the live G), one D step then one G step per iteration, the same fakes for both.
+- Parameter counts equal the authors' code: G 29,127,846 / 29,174,392 / 29,176,512 and D 11,526,160 / 11,526,496 /
+  11,528,192 at 256 / 512 / 1024 (tests/test_fastgan.py checks them).
+Deviations (from the authors' code unless said)
+- Resolutions 32, 64, 128 (the authors' code crashes below 256). Rule: every module works at one spatial level; a
+  model for res < 256 keeps exactly the authors' modules and channel widths at levels <= res and drops the rest.
+  G: blocks up to level res; `to_big` (3x3) and `to_128` (1x1) both read the res-level map; SLEs whose target is
+  <= res. D: `down_from_big` is the 256 model's conv3x3 s1, now at level res, followed by the DownBlockComps from res
+  to 8; D SLEs whose source is <= res. The "128" inputs (G's small output, D's small branch, decoder outputs and
+  targets) are min(res, 128) pixels; the small branch starts with its conv4x4 s2 at that level, the decoders keep
+  their first log2(min(res,128)/8) up blocks. At res 32 no authors' SLE fits, so G gets one SLE 4->32 and D one
+  32->8 (kept for the module, and for style mixing, in the smallest model).
+- tanh on both outputs at every resolution (the authors apply it only at 1024; they call this a leftover).
+- Reconstruction: `--recon mse` (default) = per-image mean squared error summed over the batch, no downloads;
+  `--recon lpips` = LPIPS v0.1 VGG16 "net-lin" exactly as the authors' bundled lpips (summed over the batch), which
+  needs the ImageNet VGG16 and the LPIPS linear weights (torch.hub download or --vgg-weights / --lpips-weights).
+  mse is the default because it runs offline and at half the CPU cost; use --recon lpips to reproduce the paper.
+- Speed, same function: nearest-x2 upsample + conv3x3 is computed as one stride-2 transposed conv with a 4x4 kernel
+  derived from the 3x3 one (2.25x fewer FLOPs, equal up to float rounding); G-step D forward without D weight
+  gradients (the authors compute and discard them); the spectral-norm sigma reuses the power iteration's W v.
+- Eval-mode samples (BN running stats, fixed noise seed) from the EMA generator; the authors' training grids used
+  train-mode BN. Resizes to 128 are nearest (F.interpolate default), as in the authors' code.
+- Under torchrun each process has its own BN statistics (no SyncBN), like DDP in the authors' repo.
+Run
+  python fastgan.py --data shells --res 1024                       # the paper's 1024 model (GPU)
+  python fastgan.py --data digits --res 32 --iters 300 --ngf 16 --ndf 16 --batch 8 --sample-every 100  # CPU, minutes
+  torchrun --nproc_per_node 4 fastgan.py --data pokemon --res 256 --batch 32 --amp
+  python fastgan.py --bench --res 256 --batch 8 [--amp]             # seconds/iteration on this device, random data
+  python eval.py runs/<run>/ckpt/best.pt ...                        # Sampler.style_mix: layout of a, SLE inputs of b
+"""
+import argparse
+import math
+import os
+import socket
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.diffaug import diff_augment
+from common.ema import ema_update, make_ema
+from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite,
+                          check_method, load_checkpoint, log_metrics, prepare_run_dir, resolve_resume, rng_state,
+                          save_checkpoint, save_grid, seed_everything, set_rng_state, user_errors)
+
+METHOD = "fastgan"
+RESOLUTIONS = (32, 64, 128, 256, 512, 1024)
+VGG_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, res=1024, batch=8, iters=50000, lr=2e-4, sample_every=1000, ckpt_every=1000, log_every=100)
+    g = p.add_argument_group("algorithm specific")
+    g.add_argument("--ngf", type=int, default=64, help="generator width (authors: 64)")
+    g.add_argument("--ndf", type=int, default=64, help="discriminator width (authors: 64)")
+    g.add_argument("--nz", type=int, default=256, help="latent size, z ~ N(0, I)")
+    g.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (G and D)")
+    g.add_argument("--beta2", type=float, default=0.999, help="Adam beta2 (G and D)")
+    g.add_argument("--policy", default="color,translation", help="DiffAugment policy ('' for none)")
+    g.add_argument("--ema", type=float, default=0.999, help="EMA decay of G's parameters")
+    g.add_argument("--hinge", choices=["random", "plain"], default="random",
+                   help="random: authors' margin 0.8+0.2U per logit; plain: paper eq. 3 (margin 1)")
+    g.add_argument("--recon", choices=["mse", "lpips"], default="mse",
+                   help="D reconstruction loss: mse (offline default) or lpips (authors, needs VGG16 weights)")
+    g.add_argument("--vgg-weights", default=None, help="local vgg16-397923af.pth for --recon lpips (else torch.hub)")
+    g.add_argument("--lpips-weights", default=None, help="local LPIPS v0.1 vgg.pth (else lpips package / torch.hub)")
+    g.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                   help="NHWC memory format (auto: on; measured faster on CPU oneDNN and CUDA)")
+    g.add_argument("--n-sample", type=int, default=16, help="images in each sample grid (fixed latents)")
+    g.add_argument("--bench", action="store_true", help="print seconds/iteration on random data at --res/--batch, then exit")
+    g.add_argument("--bench-iters", type=int, default=3, help="timed iterations for --bench (after one warm-up)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------- building blocks
+G_MULT = {4: 16, 8: 8, 16: 4, 32: 2, 64: 2, 128: 1, 256: 0.5, 512: 0.25, 1024: 0.125}  # authors' nfc_multi, G
+D_MULT = {4: 16, 8: 16, 16: 8, 32: 4, 64: 2, 128: 1, 256: 0.5, 512: 0.25, 1024: 0.125}  # ... and D (differs at 8-32)
+G_COMP = {8, 32, 128, 512}  # levels built by UpBlockComp (two convs, noise); the others use UpBlock
+
+
+def widths(n, mult=G_MULT):
+    return {k: int(v * n) for k, v in mult.items()}
+
+
+def levels(lo, hi):
+    return [2 ** i for i in range(int(math.log2(lo)), int(math.log2(hi)) + 1)]
+
+
+def up_kernel(w):
+    """3x3 conv weight [O,I,3,3] -> conv_transpose2d weight [I,O,4,4] (stride 2, padding 1) with
+    conv_transpose2d(x, K) == conv2d(upsample_nearest_x2(x), w, padding=1): per axis the even output row sees
+    x[i-1]*w0 + x[i]*(w1+w2), the odd one x[i]*(w0+w1) + x[i+1]*w2."""
+    m = w.new_tensor([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]])
+    return torch.einsum("ak,oikl,bl->ioab", m, w, m)
+
+
+class SNConv(nn.Module):
+    """Conv with spectral norm, the same arithmetic as torch.nn.utils.spectral_norm (one power iteration per
+    training-mode forward, eps 1e-12; dim 1 for transposed convs) and the authors' init N(0, 0.02), no bias.
+    up=True: nearest x2 upsample followed by this 3x3 conv, computed as one transposed conv (see up_kernel)."""
+
+    def __init__(self, cin, cout, k, stride=1, pad=0, transpose=False, up=False):
+        super().__init__()
+        self.stride, self.pad, self.transpose, self.up = stride, pad, transpose, up
+        shape = (cin, cout, k, k) if transpose else (cout, cin, k, k)
+        self.weight_orig = nn.Parameter(torch.randn(shape) * 0.02)
+        h, w = (cout, cin * k * k)
+        self.register_buffer("weight_u", F.normalize(torch.randn(h), dim=0, eps=1e-12))
+        self.register_buffer("weight_v", F.normalize(torch.randn(w), dim=0, eps=1e-12))
+
+    def sn_weight(self):
+        """weight_orig / sigma in float32 (autocast off); for up=True the derived 4x4 transposed-conv kernel."""
+        w = self.weight_orig.float()
+        mat = (w.transpose(0, 1) if self.transpose else w).reshape(self.weight_u.numel(), -1)
+        with torch.autocast(w.device.type, enabled=False):
+            if self.training:
+                with torch.no_grad():
+                    v = F.normalize(torch.mv(mat.t(), self.weight_u), dim=0, eps=1e-12)
+                    self.weight_v.copy_(v)
+                wv = torch.mv(mat, self.weight_v.clone())  # with grad; sigma = u.(Wv) where u = Wv/|Wv| (torch's formula)
+                with torch.no_grad():
+                    self.weight_u.copy_(F.normalize(wv.detach(), dim=0, eps=1e-12))
+            else:
+                wv = torch.mv(mat, self.weight_v)
+            sigma = torch.dot(self.weight_u.clone(), wv)
+            return up_kernel(w / sigma) if self.up else w / sigma
+
+    def forward(self, x):
+        w = self.sn_weight()
+        if self.up:
+            return F.conv_transpose2d(x, w, stride=2, padding=1)
+        if self.transpose:
+            return F.conv_transpose2d(x, w, stride=self.stride, padding=self.pad)
+        return F.conv2d(x, w, stride=self.stride, padding=self.pad)
+
+
+def bn(c):
+    m = nn.BatchNorm2d(c)
+    nn.init.normal_(m.weight, 1.0, 0.02)
+    nn.init.zeros_(m.bias)
+    return m
+
+
+class GLU(nn.Module):  # first half * sigmoid(second half), over channels
+    def forward(self, x):
+        return F.glu(x, dim=1)
+
+
+class LReLU(nn.Module):
+    def forward(self, x):
+        return F.leaky_relu(x, 0.2)
+
+
+class NoiseInjection(nn.Module):
+    """feat + w * N(0, 1)[B, 1, H, W], scalar w initialised to 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return x + self.weight * torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
+
+
+class SLE(nn.Module):
+    """Skip-layer excitation [eq. 1]: big * sigmoid(conv1x1(swish(conv4x4(avgpool4(small)))))."""
+
+    def __init__(self, c_small, c_big):
+        super().__init__()
+        self.main = nn.Sequential(nn.AdaptiveAvgPool2d(4), SNConv(c_small, c_big, 4), nn.SiLU(),
+                                  SNConv(c_big, c_big, 1), nn.Sigmoid())
+
+    def forward(self, small, big):
+        return big * self.main(small)
+
+
+def up_block(cin, cout, comp):
+    """UpBlock: up x2, SN conv3x3 (cin -> 2 cout), BN, GLU. UpBlockComp adds noise and a second conv3x3 stage."""
+    layers = [SNConv(cin, 2 * cout, 3, up=True)] + ([NoiseInjection()] if comp else []) + [bn(2 * cout), GLU()]
+    if comp:
+        layers += [SNConv(cout, 2 * cout, 3, pad=1), NoiseInjection(), bn(2 * cout), GLU()]
+    return nn.Sequential(*layers)
+
+
+def g_sle_pairs(res):
+    pairs = [(s, t) for s, t in ((4, 64), (8, 128), (16, 256), (32, 512)) if t <= res]
+    return pairs or [(4, res)]
+
+
+def d_sle_pairs(res):
+    pairs = [(s, t) for s, t in ((256, 32), (128, 16), (64, 8)) if s <= res]
+    return pairs or [(res, 8)]
+
+
+class Generator(nn.Module):
+    def __init__(self, res=1024, ngf=64, nz=256):
+        super().__init__()
+        nfc = widths(ngf)
+        self.res, self.small = res, min(res, 128)
+        self.init = nn.Sequential(SNConv(nz, 2 * nfc[4], 4, transpose=True), bn(2 * nfc[4]), GLU())
+        self.ups = nn.ModuleDict({str(r): up_block(nfc[r // 2], nfc[r], r in G_COMP) for r in levels(8, res)})
+        self.sle = nn.ModuleDict({str(t): SLE(nfc[s], nfc[t]) for s, t in g_sle_pairs(res)})
+        self.src = {t: s for s, t in g_sle_pairs(res)}
+        self.to_128 = SNConv(nfc[self.small], 3, 1)
+        self.to_big = SNConv(nfc[res], 3, 3, pad=1)
+
+    def features(self, z, style=None, upto=None):
+        """Feature maps per level. `style`: dict level -> map used as the SLE input instead of our own (Fig. 7)."""
+        feats = {4: self.init(z.reshape(z.shape[0], -1, 1, 1))}
+        x = feats[4]
+        for r in levels(8, upto or self.res):
+            x = self.ups[str(r)](x)
+            if r in self.src:
+                x = self.sle[str(r)]((style or feats)[self.src[r]], x)
+            feats[r] = x
+        return feats
+
+    def forward(self, z, z_style=None):
+        style = None
+        if z_style is not None:
+            style = self.features(z_style, upto=max(self.src.values()))
+        f = self.features(z, style)
+        return torch.tanh(self.to_big(f[self.res])), torch.tanh(self.to_128(f[self.small]))
+
+
+class DownBlockComp(nn.Module):
+    """(main + direct) / 2: main = SN conv4x4 s2, BN, LReLU, SN conv3x3, BN, LReLU; direct = avgpool2, SN conv1x1, BN, LReLU."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.main = nn.Sequential(SNConv(cin, cout, 4, 2, 1), bn(cout), LReLU(), SNConv(cout, cout, 3, 1, 1), bn(cout), LReLU())
+        self.direct = nn.Sequential(nn.AvgPool2d(2, 2), SNConv(cin, cout, 1), bn(cout), LReLU())
+
+    def forward(self, x):
+        return (self.main(x) + self.direct(x)) / 2
+
+
+def down_block(cin, cout):
+    return nn.Sequential(SNConv(cin, cout, 4, 2, 1), bn(cout), LReLU())
+
+
+class Decoder(nn.Module):
+    """SimpleDecoder: (avgpool 8) -> up blocks in->128->64->64->32 (first log2(out/8) of them) -> SN conv3x3 -> tanh."""
+
+    def __init__(self, cin, out_res=128):
+        super().__init__()
+        chain = [cin, 128, 64, 64, 32][: int(math.log2(out_res // 8)) + 1]
+        self.main = nn.Sequential(*[up_block(a, b, False) for a, b in zip(chain, chain[1:])], SNConv(chain[-1], 3, 3, pad=1), nn.Tanh())
+
+    def forward(self, x):
+        return self.main(F.adaptive_avg_pool2d(x, 8) if x.shape[-1] != 8 else x)
+
+
+def crop_part(x, part):
+    """Quadrant `part` (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right) of an NCHW map, as the authors."""
+    h = x.shape[2] // 2
+    return x[:, :, (part // 2) * h:(part // 2 + 1) * h, (part % 2) * h:(part % 2 + 1) * h]
+
+
+class Discriminator(nn.Module):
+    def __init__(self, res=1024, ndf=64):
+        super().__init__()
+        nfc = widths(ndf, D_MULT)  # the width at spatial level L is nfc[2L] in the big branch, nfc[4L] in the small one
+        self.res, self.small, top = res, min(res, 128), min(res, 256)
+        if res == 1024:
+            self.down_from_big = nn.Sequential(SNConv(3, nfc[1024], 4, 2, 1), LReLU(), SNConv(nfc[1024], nfc[512], 4, 2, 1), bn(nfc[512]), LReLU())
+        elif res == 512:
+            self.down_from_big = nn.Sequential(SNConv(3, nfc[512], 4, 2, 1), LReLU())
+        else:
+            self.down_from_big = nn.Sequential(SNConv(3, nfc[2 * res], 3, 1, 1), LReLU())
+        self.downs = nn.ModuleDict({str(r): DownBlockComp(nfc[4 * r], nfc[2 * r]) for r in levels(8, top // 2)[::-1]})
+        self.rf_big = nn.Sequential(SNConv(nfc[16], nfc[8], 1), bn(nfc[8]), LReLU(), SNConv(nfc[8], 1, 4))
+        self.sle = nn.ModuleDict({str(t): SLE(nfc[2 * s], nfc[2 * t]) for s, t in d_sle_pairs(res)})
+        self.src = {t: s for s, t in d_sle_pairs(res)}
+        small = [SNConv(3, nfc[2 * self.small], 4, 2, 1), LReLU()]
+        small += [down_block(nfc[8 * r], nfc[4 * r]) for r in levels(8, self.small // 4)[::-1]]
+        self.down_from_small = nn.Sequential(*small)
+        self.rf_small = SNConv(nfc[32], 1, 4)
+        self.decoder_big = Decoder(nfc[16], self.small)
+        self.decoder_part = Decoder(nfc[32], self.small)
+        self.decoder_small = Decoder(nfc[32], self.small)
+
+    def forward(self, big, small=None, part=None):
+        """Logits (5x5 per branch, flattened, big branch first); with `part` (real images) also the three
+        reconstructions [from the 8x8 big feature, from the small branch, from quadrant `part` of the 16x16 feature]."""
+        if small is None:
+            small = F.interpolate(big, size=self.small) if self.small != big.shape[-1] else big
+        feats = {min(self.res, 256): self.down_from_big(big)}
+        x = feats[min(self.res, 256)]
+        for r in levels(8, min(self.res, 256) // 2)[::-1]:
+            x = self.downs[str(r)](x)
+            if r in self.src:
+                x = self.sle[str(r)](feats[self.src[r]], x)
+            feats[r] = x
+        fs = self.down_from_small(small)
+        logits = torch.cat([self.rf_big(x).flatten(), self.rf_small(fs).flatten()])
+        if part is None:
+            return logits
+        return logits, [self.decoder_big(x), self.decoder_small(fs), self.decoder_part(crop_part(feats[16], part))]
+
+
+# ------------------------------------------------------------------------------------------------------ losses
+def d_hinge(pred, real, plain=False, u=None):
+    """Authors: mean(relu(0.8 + 0.2U - D(real))) / mean(relu(0.8 + 0.2U + D(fake))), U ~ U[0,1) per logit.
+    plain=True: paper eq. 3, margin 1."""
+    margin = 1.0 if plain else 0.8 + 0.2 * (torch.rand_like(pred) if u is None else u)
+    return F.relu(margin - pred).mean() if real else F.relu(margin + pred).mean()
+
+
+def g_loss(pred):
+    return -pred.mean()  # eq. 4
+
+
+class LPIPSVGG(nn.Module):
+    """LPIPS v0.1 'net-lin' on VGG16 (Zhang et al. 2018), as the lpips copy in the authors' repo: inputs in [-1, 1],
+    scaling layer, relu1_2/2_2/3_3/4_3/5_3 features, unit-normalised over channels, squared difference, non-negative
+    1x1 linear weights, spatial mean, sum over the five layers -> one distance per image. Frozen."""
+    SHIFT, SCALE, TAPS, CH = (-.030, -.088, -.188), (.458, .448, .450), (3, 8, 15, 22, 29), (64, 128, 256, 512, 512)
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models import vgg16
+        self.features = vgg16(weights=None).features[:30]
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self.CH)
+        self.register_buffer("shift", torch.tensor(self.SHIFT).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor(self.SCALE).view(1, 3, 1, 1))
+        self.requires_grad_(False).eval()
+
+    def taps(self, x):
+        x, out = (x - self.shift) / self.scale, []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.TAPS:
+                out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+        return out
+
+    def forward(self, x, y):
+        return sum(lin((a - b) ** 2).mean((2, 3)) for lin, a, b in zip(self.lins, self.taps(x), self.taps(y))).flatten()
+
+    def train(self, mode=True):  # always eval (the authors' dropout is off at eval)
+        return super().train(False)
+
+
+def load_lpips(args):
+    """LPIPSVGG with the real weights: --vgg-weights / --lpips-weights, else the lpips package's file (if
+    installed) and the torch.hub cache, else a download. Any failure -> one UserError line."""
+    import importlib.util
+    net = LPIPSVGG()
+    try:
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(30)
+        try:
+            if args.vgg_weights:
+                vgg = torch.load(args.vgg_weights, map_location="cpu", weights_only=True)
+            else:
+                vgg = torch.hub.load_state_dict_from_url(VGG_URL, progress=False, check_hash=True, map_location="cpu")
+            lin_path = args.lpips_weights
+            spec = importlib.util.find_spec("lpips") if not lin_path else None
+            if spec and spec.origin and os.path.isfile(os.path.join(os.path.dirname(spec.origin), "weights", "v0.1", "vgg.pth")):
+                lin_path = os.path.join(os.path.dirname(spec.origin), "weights", "v0.1", "vgg.pth")
+            if lin_path:
+                lin = torch.load(lin_path, map_location="cpu", weights_only=True)
+            else:
+                lin = torch.hub.load_state_dict_from_url(LIN_URL, progress=False, file_name="lpips_v0.1_vgg.pth", map_location="cpu")
+        finally:
+            socket.setdefaulttimeout(old)
+        net.features.load_state_dict({k[len("features."):]: v for k, v in vgg.items() if k.startswith("features.")})
+        net.lins.load_state_dict({f"{k[3]}.weight": v for k, v in lin.items() if k.endswith("model.1.weight")})
+    except Exception as e:
+        raise UserError(f"--recon lpips needs the ImageNet VGG16 weights ({VGG_URL}) and the LPIPS v0.1 linear weights "
+                        f"({LIN_URL}); could not load them ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}). "
+                        "Pass --vgg-weights PATH --lpips-weights PATH, put them in the torch.hub cache, or use --recon mse")
+    return net
+
+
+def recon_loss(rec, target, percept=None):
+    """Sum over the batch of a per-image distance to the target resized (nearest, as the authors) to rec's size."""
+    target = F.interpolate(target, size=rec.shape[-1]) if target.shape[-1] != rec.shape[-1] else target
+    rec, target = rec.float(), target.float()
+    if percept is None:
+        return (rec - target).pow(2).mean((1, 2, 3)).sum()
+    return percept(rec, target).sum()
+
+
+def train_step(G, D, opt_G, opt_D, real, args, device, percept=None, D_plain=None):
+    """One iteration of the authors' train.py: fakes, D step (real with reconstructions, then detached fakes),
+    G step on the same augmented fakes. Returns detached loss tensors (no host sync)."""
+    D_plain = D_plain or D
+    plain = args.hinge == "plain"
+    z = torch.randn(real.shape[0], args.nz, device=device)
+    with autocast(device, args.amp):
+        fakes = G(z)
+    real = diff_augment(real, args.policy)
+    fakes = [diff_augment(f, args.policy) for f in fakes]
+    part = int(torch.randint(4, (1,)))
+    opt_D.zero_grad(set_to_none=True)
+    with autocast(device, args.amp):
+        pred_r, recs = D(real, part=part)
+    rec = (recon_loss(recs[0], real, percept) + recon_loss(recs[1], real, percept)
+           + recon_loss(recs[2], crop_part(real, part), percept))
+    loss_real = d_hinge(pred_r.float(), True, plain)
+    (loss_real + rec).backward()
+    with autocast(device, args.amp):
+        pred_f = D(fakes[0].detach(), fakes[1].detach())
+    loss_fake = d_hinge(pred_f.float(), False, plain)
+    loss_fake.backward()
+    opt_D.step()
+    opt_G.zero_grad(set_to_none=True)
+    D_plain.requires_grad_(False)  # the G step needs no D weight gradients
+    with autocast(device, args.amp):
+        pred_g = D_plain(fakes[0], fakes[1])
+    lg = g_loss(pred_g.float())
+    lg.backward()
+    D_plain.requires_grad_(True)
+    opt_G.step()
+    return {"loss_d": (loss_real + loss_fake).detach(), "loss_g": lg.detach(), "recon": rec.detach(),
+            "d_real": pred_r.detach().float().mean(), "d_fake": pred_f.detach().float().mean()}
+
+
+# ----------------------------------------------------------------------------------------------- sampling (eval.py)
+class Sampler(SamplerBase):
+    """EMA generator in eval mode; the noise injections use a fixed seed so generate() is deterministic."""
+
+    def __init__(self, G, nz, device):
+        self.G, self.nz, self.device, self.res = G.eval(), nz, torch.device(device), G.res
+
+    def latents(self, n, seed):
+        return torch.randn(n, self.nz, generator=torch.Generator().manual_seed(int(seed))).to(self.device)
+
+    @torch.no_grad()
+    def _run(self, z, z_style=None):
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            return self.G.eval()(z, z_style)[0].float()
+
+    def generate(self, latents):
+        return self._run(latents)
+
+    def style_mix(self, lat_a, lat_b):
+        """Paper Fig. 7: the main path (layout, content) of a, the SLE inputs x_low (style) of b, pairwise."""
+        return self._run(lat_a, lat_b)
+
+
+def arch_args(a):
+    return {k: a[k] for k in ("res", "ngf", "ndf", "nz")}
+
+
+def load_for_sampling(ckpt, device):
+    a = ckpt["args"]
+    G = Generator(a["res"], a["ngf"], a["nz"]).to(device)
+    G.load_state_dict(ckpt["G_ema"])
+    return Sampler(G, a["nz"], device)
+
+
+# --------------------------------------------------------------------------------------------------- training
+def build(args, device):
+    if args.res not in RESOLUTIONS:
+        raise UserError(f"--res {args.res} is not supported: use one of {', '.join(map(str, RESOLUTIONS))}")
+    if min(args.ngf, args.ndf) < 8 or args.ngf % 8 or args.ndf % 8:
+        raise UserError("--ngf and --ndf must be positive multiples of 8 (the narrowest layers are width/8)")
+    G, D = Generator(args.res, args.ngf, args.nz).to(device), Discriminator(args.res, args.ndf).to(device)
+    cl = args.channels_last != "off"
+    if cl:
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), foreach=True)
+    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), foreach=True)
+    return G, D, opt_G, opt_D, cl
+
+
+def bench(args):
+    device = Dist(args.device).device
+    seed_everything(args.seed)
+    G, D, opt_G, opt_D, cl = build(args, device)
+    percept = load_lpips(args).to(device) if args.recon == "lpips" else None
+    real = torch.rand(args.batch, 3, args.res, args.res, device=device) * 2 - 1
+    if cl:
+        real = real.contiguous(memory_format=torch.channels_last)
+    G_ema, times = make_ema(G), []
+    for i in range(args.bench_iters + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        losses = train_step(G, D, opt_G, opt_D, real, args, device, percept)
+        ema_update(G_ema, G, args.ema, copy_buffers=True)
+        float(losses["loss_d"])
+        times.append(time.perf_counter() - t0)
+    t = sorted(times[1:])[len(times[1:]) // 2]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"bench: res {args.res} batch {args.batch} amp {args.amp} channels_last {cl} recon {args.recon} "
+          f"device {device} threads {torch.get_num_threads()} load {load:.2f}: {t:.3f} s/iteration "
+          f"(median of {args.bench_iters}; all {', '.join(f'{x:.2f}' for x in times)})", flush=True)
+    return t
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with user_errors():
+        if args.bench:
+            return bench(args)
+        if args.res not in RESOLUTIONS:
+            raise UserError(f"--res {args.res} is not supported: use one of {', '.join(map(str, RESOLUTIONS))}")
+        run(args)
+
+
+def run(args):
+    from common.data import infinite_batches, load_dataset
+    dist = Dist(args.device)
+    device, batch = dist.device, dist.per_rank_batch(args.batch)
+    seed_everything(args.seed + dist.rank)
+    ds = load_dataset(args.data, args.res, args.data_root, args.crop)
+    out = prepare_run_dir(args, METHOD, dist.is_main)
+    G, D, opt_G, opt_D, cl = build(args, device)
+    G_ema = make_ema(G)
+    percept = load_lpips(args).to(device) if args.recon == "lpips" else None
+    start, best = 0, float("inf")
+    path = resolve_resume(args)
+    if path:
+        ck = load_checkpoint(path, map_location=device)
+        check_method(ck, METHOD, path)
+        if arch_args(ck["args"]) != arch_args(vars(args)):
+            raise UserError(f"checkpoint {path} has architecture {arch_args(ck['args'])}, these flags give "
+                            f"{arch_args(vars(args))}: pass the same --res/--ngf/--ndf/--nz")
+        for m, k in ((G, "G"), (D, "D"), (G_ema, "G_ema"), (opt_G, "opt_G"), (opt_D, "opt_D")):
+            m.load_state_dict(ck[k])
+        start, best = ck["step"], ck.get("best_fid", best)
+        set_rng_state(ck["rng"])
+        if dist.is_main:
+            print(f"resumed from {path} at iteration {start}", flush=True)
+    G_run, D_run = G, D
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [device.index] if device.type == "cuda" else None
+        G_run, D_run = DDP(G, device_ids=ids), DDP(D, device_ids=ids, find_unused_parameters=True)
+    sampler = Sampler(G_ema, args.nz, device)
+    fixed_z = sampler.latents(args.n_sample, args.seed + 12345)
+    evaluator = None
+    if args.eval_every > 0 and dist.is_main:
+        try:
+            from common.metrics import Evaluator
+            evaluator = Evaluator(ds, device, n_gen=args.eval_n, inception=args.inception)
+            if not evaluator.available:
+                print(f"metrics off: {evaluator.reason}", flush=True)
+                evaluator = None
+        except ImportError as e:
+            print(f"metrics off: {e}", flush=True)
+    if dist.is_main:
+        print(f"fastgan: res {args.res} data {ds.name} ({len(ds)} images) G {sum(p.numel() for p in G.parameters()):,} "
+              f"D {sum(p.numel() for p in D.parameters()):,} params, device {device}, world {dist.world}, out {out}", flush=True)
+    batches = infinite_batches(ds, batch, args.seed, start, flip=not args.no_flip, rank=dist.rank, world=dist.world,
+                               workers=args.workers, device=device)
+    progress = Progress(args.iters, start, args.log_every, dist.is_main, out)
+
+    def checkpoint(step, name="last.pt", **extra):
+        save_checkpoint({"method": METHOD, "args": vars(args), "step": step, "G": G.state_dict(), "D": D.state_dict(),
+                         "G_ema": G_ema.state_dict(), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
+                         "rng": rng_state(), "best_fid": best, **extra}, os.path.join(out, "ckpt", name))
+
+    it = start
+    try:
+        for it in range(start + 1, args.iters + 1):
+            real = next(batches)
+            if cl:
+                real = real.contiguous(memory_format=torch.channels_last)
+            losses = train_step(G_run, D_run, opt_G, opt_D, real, args, device, percept, D)
+            ema_update(G_ema, G, args.ema, copy_buffers=True)  # params averaged; BN stats and SN u, v from live G
+            last = it == args.iters
+            if it % args.log_every == 0 or last or it % args.ckpt_every == 0:
+                check_finite(losses, it, out)
+            progress(it, **losses)
+            if not dist.is_main:
+                continue
+            if it % args.sample_every == 0 or last:
+                save_grid(sampler.generate(fixed_z), os.path.join(out, "samples", f"{it:06d}.png"))
+            if evaluator is not None and (it % args.eval_every == 0 or last):
+                m = evaluator(lambda n, seed: sampler.sample(n, seed))
+                log_metrics(out, {"iter": it, **m})
+                print(f"eval it {it}: fid {m['fid']:.2f} kid {m['kid']:.4f} ({m['protocol']})", flush=True)
+                if m["fid"] < best:
+                    best = m["fid"]
+                    checkpoint(it, "best.pt", metrics=m)
+            if it % args.ckpt_every == 0 or last:
+                checkpoint(it)
+        if dist.is_main and args.iters > start:
+            z = fixed_z[:8]
+            a, b = z.repeat_interleave(len(z), 0), z.repeat(len(z), 1)
+            mix = torch.cat([sampler.style_mix(a[i:i + 8], b[i:i + 8]) for i in range(0, len(a), 8)])
+            save_grid(mix, os.path.join(out, "samples", "style_mix.png"), nrow=len(z))  # row i: layout of z_i, col j: style of z_j
+    except KeyboardInterrupt:
+        if dist.is_main:
+            checkpoint(it - 1 if it > start else start)
+            print(f"interrupted: saved {os.path.join(out, 'ckpt', 'last.pt')}", flush=True)
+        sys.exit(130)
+    finally:
+        dist.close()
+
+
+if __name__ == "__main__":
+    main()
