@@ -1,0 +1,240 @@
+"""Tests for adafm.py (CPU, tiny widths). Reference numbers: the authors' parameter counts (spec adafm.md)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import adafm
+from common.utils import UserError, load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--data", "digits", "--res", "32", "--nf", "4", "--z-dim", "16", "--w-dim", "16", "--batch", "4"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process steps on tiny models: one thread is faster and immune to CPU contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(args, check=True, timeout=120):
+    # one thread: these models are tiny, so threading only adds overhead (and contention on a shared CPU)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "adafm.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    if check:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def write_authors_ckpt(path, nf=4, res=32, nlabels=10, seed=0):
+    """A checkpoint in the GAN_stability format: generator / discriminator / generator_test, 'module.' prefixes."""
+    torch.manual_seed(seed)
+    G, D = adafm.Generator(res, nf, 16, "gp", None, nlabels, 8), adafm.Discriminator(res, nf, nlabels)
+    pre = lambda sd: {"module." + k: v.clone() for k, v in sd.items()}  # noqa: E731
+    ema = {k: torch.zeros_like(v) for k, v in pre(G.state_dict()).items()}   # must NOT be the one transferred
+    torch.save({"generator": pre(G.state_dict()), "discriminator": pre(D.state_dict()), "generator_test": ema}, path)
+    return G.state_dict(), D.state_dict()
+
+
+def target(mode, nf=4, res=32):
+    a = adafm.parse_args(["--mode", mode, "--nf", str(nf), "--res", str(res), "--z-dim", "16", "--w-dim", "16"])
+    a.nlabels = 0
+    return a, *adafm.build(a)
+
+
+def counts(model, general, freeze):
+    return [sum(p.numel() for p in ps) for ps in adafm.split_params(model, general, freeze)]
+
+
+def test_parameter_counts_match_the_authors():
+    with torch.device("meta"):
+        G, D = adafm.Generator(128, 64, 256, "gp", None, 1000, 256), adafm.Discriminator(128, 64, 1000)
+        assert sum(p.numel() for p in G.parameters()) == 100_535_747   # GP-GAN ImageNet 128 generator
+        assert sum(p.numel() for p in D.parameters()) == 108_260_776   # ... and discriminator (1000 classes)
+        a = adafm.parse_args([])   # paper defaults: --mode adafm --res 128 --nf 64 --z-dim 256
+        a.nlabels = 0
+        G, D = adafm.build(a)
+        frozen, ada, head = counts(G, adafm.G_GENERAL, True)
+        assert (frozen, ada) == (4_046_275, 860_160)          # frozen G4; AdaFM on the 12 frozen 3x3 convs
+        assert head == 25_185_793 - 1   # authors' SmallHead count is 25,185,793; ours is one parameter short (docstring)
+        assert counts(D, adafm.D_GENERAL, True)[0] == 194_624   # frozen D2
+        assert D.fc.weight.shape == (1, 16384)                  # new unconditional fc
+        a.mode = "fs"
+        G = adafm.build(a)[0]
+        assert counts(G, adafm.G_GENERAL, True)[1] == 2 * 4 * (256 + 128 + 64)   # FS: gamma, beta in R^{C_out}, 4 convs per group
+
+
+def test_adafm_identity_hand_computed_and_fs_is_rank_one():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, 6)
+    conv = adafm.ModConv2d(5, 7, "adafm")
+    ref = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    assert torch.equal(conv(x), ref)    # gamma = 1, beta = 0: exactly the plain frozen conv
+    with torch.no_grad():
+        conv.gamma.normal_()
+        conv.beta.normal_()
+    w = torch.empty_like(conv.weight)   # eq. 2 element by element
+    for i in range(7):
+        for j in range(5):
+            w[i, j] = conv.gamma[i, j, 0, 0] * conv.weight[i, j] + conv.beta[i, j, 0, 0]
+    torch.testing.assert_close(conv(x), F.conv2d(x, w, conv.bias, padding=1))
+    fs = adafm.ModConv2d(5, 7, "fs")
+    fs.weight.data.copy_(conv.weight)
+    fs.bias.data.copy_(conv.bias)
+    g_hat, b_hat = torch.randn(7), torch.randn(7)
+    fs.gamma.data.copy_(g_hat[:, None, None, None])
+    fs.beta.data.copy_(b_hat[:, None, None, None])
+    assert fs.gamma.shape == (7, 1, 1, 1)
+    conv.gamma.data.copy_(torch.outer(g_hat, torch.ones(5))[:, :, None, None])   # gamma = gamma_hat 1^T
+    conv.beta.data.copy_(torch.outer(b_hat, torch.ones(5))[:, :, None, None])
+    torch.testing.assert_close(fs(x), conv(x))
+
+
+def test_gradients_reach_gamma_beta_but_never_the_frozen_weights(tmp_path):
+    G_sd, D_sd = write_authors_ckpt(tmp_path / "src.pt")
+    a, G, D = target("adafm")
+    adafm.transfer(G, D, *adafm.source_state_dicts(load_checkpoint(tmp_path / "src.pt"))[:2])
+    G_fro, G_ada, G_tr = adafm.split_params(G, adafm.G_GENERAL, True)
+    D_fro, _, D_tr = adafm.split_params(D, adafm.D_GENERAL, True)
+    adafm.requires_grad(G_fro + D_fro + G_ada, False)   # before --adafm-start
+    before = {id(p): p.detach().clone() for p in G_fro + D_fro + G_ada + G_tr}
+    opt_G = torch.optim.Adam(G_tr + G_ada, lr=1e-2, betas=(0.0, 0.99))
+    opt_D = torch.optim.Adam(D_tr, lr=1e-2, betas=(0.0, 0.99))
+    nets, opts, x = (G, D, G, D, D_tr), (opt_G, opt_D, torch.device("cpu")), torch.rand(4, 3, 32, 32) * 2 - 1
+    adafm.train_step(a, nets, opts, x, None)
+    assert all(torch.equal(p, before[id(p)]) for p in G_ada)          # AdaFM off: gamma/beta untouched
+    assert any(not torch.equal(p, before[id(p)]) for p in G_tr)       # ... while the head trains
+    adafm.requires_grad(G_ada, True)                                  # the switch
+    for _ in range(2):
+        adafm.train_step(a, nets, opts, x, None)
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in G_ada)
+    assert all(p.grad is None for p in G_fro + D_fro)
+    assert all(torch.equal(p, before[id(p)]) for p in G_fro + D_fro)   # frozen values bit-identical
+    assert all(not torch.equal(p, before[id(p)]) for p in G_ada)
+    assert torch.equal(G.resnet_4_0.conv_1.weight, G_sd["resnet_4_0.conv_1.weight"])
+
+
+def test_authors_format_transfers_exactly_the_authors_layers(tmp_path):
+    G_sd, D_sd = write_authors_ckpt(tmp_path / "imagenet-8c505f47.pt")
+    ckpt, path = adafm.fetch_source(str(tmp_path / "imagenet-8c505f47.pt"))
+    src_G, src_D, desc = adafm.source_state_dicts(ckpt, path)
+    assert "GAN_stability" in desc
+    for mode, g_loaded in [("adafm", 7), ("smallhead", 7), ("fs", 7), ("gphead", 13), ("transfergan", 13)]:
+        a, G, D = target(mode)
+        rep = adafm.transfer(G, D, src_G, src_D, path)
+        assert len({k.split(".")[0] for k in rep["G_loaded"]}) == g_loaded   # G4 (6 blocks + conv_img) or + head groups 0-2
+        assert not any(k.startswith(("fc", "embedding")) for k in rep["G_loaded"] + rep["D_loaded"])
+        assert rep["D_new"] == ["fc.weight", "fc.bias"]
+        for k in rep["G_loaded"]:
+            assert torch.equal(G.state_dict()[k], G_sd[k]), k       # from `generator`, not generator_test
+        for k in rep["D_loaded"]:
+            assert torch.equal(D.state_dict()[k], D_sd[k]), k
+        assert all(k.endswith(("gamma", "beta")) or not k.startswith("resnet_")
+                   for k in rep["G_new"])   # only AdaFM params and the new head are new
+    a, G, D = target("adafm")
+    adafm.transfer(G, D, src_G, src_D, path)
+    adafm.calibrate_head(G, src_G)   # rescaling: new head features get the source head's per-channel std
+    src = adafm.Generator(32, 4, 16, "gp", None, 10, 8)
+    src.load_state_dict(src_G)
+    with torch.no_grad():
+        f = src.head_features(torch.randn(64, 16), torch.randint(10, (64,)))
+        h = G.head_features(torch.randn(64, 16))
+    ratio = h.std(dim=(0, 2, 3)) / f.std(dim=(0, 2, 3))
+    assert 0.7 < ratio.median() < 1.4, ratio
+
+
+def test_mismatched_checkpoint_fails_with_one_clear_line(tmp_path, monkeypatch):
+    write_authors_ckpt(tmp_path / "nf8.pt", nf=8)
+    src_G, src_D, _ = adafm.source_state_dicts(load_checkpoint(tmp_path / "nf8.pt"))
+    a, G, D = target("adafm")
+    with pytest.raises(UserError, match=r"first mismatching key 'generator\.resnet_3_0\.conv_0\.weight'"):
+        adafm.transfer(G, D, src_G, src_D)
+    write_authors_ckpt(tmp_path / "ok.pt")
+    ck = torch.load(tmp_path / "ok.pt")
+    ck["discriminator"]["module.resnet_2_1.conv_s.weight"] = torch.zeros(3, 3, 1, 1)
+    src_G, src_D, _ = adafm.source_state_dicts(ck)
+    with pytest.raises(UserError, match=r"'discriminator\.resnet_2_1\.conv_s\.weight' has shape \[3, 3, 1, 1\]"):
+        adafm.transfer(*target("adafm")[1:], src_G, src_D)
+    del ck["discriminator"]["module.resnet_2_1.conv_s.weight"]
+    with pytest.raises(UserError, match=r"'discriminator\.resnet_2_1\.conv_s\.weight' is missing"):
+        adafm.transfer(*target("adafm")[1:], *adafm.source_state_dicts(ck)[:2])
+    with pytest.raises(UserError, match="not a GP-GAN source"):
+        adafm.source_state_dicts({"state": {}})
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(UserError, match=r"cannot download .*--source PATH"):
+        adafm.fetch_source(None, cache_dir=str(tmp_path / "cache"))
+    r = run(TINY + ["--source", str(tmp_path / "nf8.pt"), "--out", str(tmp_path / "bad")], check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "first mismatching key 'generator.resnet_3_0" in r.stderr
+    with pytest.raises(SystemExit) as e:
+        adafm.main(TINY + ["--res", "16"])
+    assert e.value.code == 2
+
+
+def test_pretrain_then_adafm_end_to_end_resume_and_switch(tmp_path):
+    pre = tmp_path / "pre"
+    run(TINY + ["--mode", "pretrain", "--labels", "auto", "--embed-dim", "8", "--iters", "2", "--out", str(pre)])
+    ck = load_checkpoint(pre / "ckpt" / "last.pt")
+    assert ck["args"]["nlabels"] == 10 and ck["G"]["embedding.weight"].shape == (10, 8)   # conditional source
+    common = TINY + ["--source", str(pre / "ckpt" / "last.pt"), "--adafm-start", "2", "--log-every", "1",
+                     "--style-mix", "2"]
+    full = run(common + ["--iters", "4", "--out", str(tmp_path / "a")])
+    assert "AdaFM/FS parameters switched on at iteration 2" in full.stdout
+    assert "frozen 884" in full.stdout and "AdaFM/FS 3,360" in full.stdout   # nf=4: D2 and AdaFM sizes
+    for f in ["samples/000004.png", "samples/style_mix.png", "ckpt/last.pt", "transfer.json", "args.json"]:
+        assert (tmp_path / "a" / f).is_file(), f
+    m = metrics(tmp_path / "a")
+    assert [r["iter"] for r in m] == [1, 2, 3, 4]
+    assert m[0]["adafm_dev"] == m[1]["adafm_dev"] == 0 < m[2]["adafm_dev"] < m[3]["adafm_dev"]
+    rep = json.load(open(tmp_path / "a" / "transfer.json"))
+    assert rep["G_frozen"] == rep["G_loaded"] and len(rep["D_frozen"]) == 11
+    src = load_checkpoint(pre / "ckpt" / "last.pt")["G"]
+    ck = load_checkpoint(tmp_path / "a" / "ckpt" / "last.pt")
+    assert all(torch.equal(ck["G"][k], src[k]) for k in rep["G_frozen"])   # still the source values after 4 steps
+    run(common + ["--iters", "2", "--out", str(tmp_path / "b")])
+    run(common + ["--iters", "4", "--out", str(tmp_path / "b"), "--resume", "auto"])
+    assert metrics(tmp_path / "b") == m            # 2 + 2 resumed == 4 uninterrupted (losses and AdaFM drift)
+    s = adafm.load_for_sampling(ck, "cpu")
+    za, zb = s.latents(3, 0), s.latents(3, 1)
+    img = s.generate(za)
+    assert img.shape == (3, 3, 32, 32) and torch.equal(img, s.generate(za))   # deterministic
+    assert torch.equal(s.style_mix(za, zb, block=2), img)    # all styles from a
+    assert torch.equal(s.style_mix(za, za), img)
+    assert not torch.allclose(s.style_mix(za, zb), img)      # block 1 takes b's style
+
+
+def test_learning_check_transfer_moves_samples_towards_the_data(tmp_path):
+    """Statistic: |mean(G) - mean(data)| + |std(G) - std(data)| over all pixels of 256 EMA samples vs the 1,797
+    digits at 32 px. After 100 AdaFM iterations from a (random-weight) source it must fall below half its value at
+    initialisation (measured: 1.06 -> 0.22). A flipped G loss gave 0.92 and no G step leaves it at 1.06."""
+    write_authors_ckpt(tmp_path / "src.pt")
+    args = ["--data", "digits", "--res", "32", "--nf", "4", "--z-dim", "32", "--w-dim", "32", "--batch", "8",
+            "--adafm-start", "0", "--lr", "1e-3", "--ema", "0", "--log-every", "50", "--sample-every", "1000",
+            "--style-mix", "0", "--source", str(tmp_path / "src.pt")]
+    run(args + ["--iters", "0", "--out", str(tmp_path / "init")])
+    run(args + ["--iters", "100", "--out", str(tmp_path / "trained")], timeout=300)
+    from common.data import load_dataset
+    x = load_dataset("digits", 32).images.float() / 127.5 - 1
+
+    def dist(out):
+        g = adafm.load_for_sampling(load_checkpoint(out / "ckpt" / "last.pt"), "cpu").sample(256, seed=7)
+        return (abs(g.mean() - x.mean()) + abs(g.std() - x.std())).item()
+
+    d0, d1 = dist(tmp_path / "init"), dist(tmp_path / "trained")
+    assert d0 > 0.5 and d1 < 0.5 * d0, (d0, d1)
