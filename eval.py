@@ -48,13 +48,16 @@ def parse_args(argv=None):
     p.add_argument("target", nargs="?", help="run directory (uses ckpt/best.pt, else ckpt/last.pt) or checkpoint .pt")
     p.add_argument("--fake-dir", default=None, help="evaluate this folder of images instead of a checkpoint")
     p.add_argument("--data", default=None, help="reference dataset NAME or folder (default: the checkpoint's --data)")
-    p.add_argument("--data-root", default=None, help="where named datasets live (default: the checkpoint's, env GAN_DATA_ROOT, data)")
+    p.add_argument("--data-root", default=None,
+                   help="where named datasets live (default: the checkpoint's, env GAN_DATA_ROOT, data)")
     p.add_argument("--res", type=int, default=None, help="resolution of the real images (default: the checkpoint's --res)")
-    p.add_argument("--crop", choices=["squash", "center"], default=None, help="how real images are resized (default: the checkpoint's)")
+    p.add_argument("--crop", choices=["squash", "center"], default=None,
+                   help="how real images are resized (default: the checkpoint's)")
     p.add_argument("--metrics", default="fid,kid", help="comma list of fid, kid, pr, mem; or 'none'")
     p.add_argument("--n", type=int, default=5000, help="generated images for the metrics")
     p.add_argument("--n-real", type=int, default=None, help="real images for the metrics (default: all of the dataset)")
-    p.add_argument("--pr-k", default="3", help="precision/recall neighbourhood: K, or KP,KR for precision and recall (DISP: 10,40)")
+    p.add_argument("--pr-k", default="3",
+                   help="precision/recall neighbourhood: K, or KP,KR for precision and recall (DISP: 10,40)")
     p.add_argument("--seed", type=int, default=0, help="seed of the latents (metrics, grids)")
     p.add_argument("--batch", type=int, default=64, help="images per generator / Inception batch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -69,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--interp-rows", type=int, default=6, help="interpolation rows (pairs of latents)")
     p.add_argument("--interp-steps", type=int, default=8, help="images per interpolation row")
     p.add_argument("--mix", action="store_true", help="write a style-mixing grid (samplers with style_mix only)")
-    p.add_argument("--mem-grid", action="store_true", help="write the closest fakes next to their nearest training images (implies mem)")
+    p.add_argument("--mem-grid", action="store_true",
+                   help="write the closest fakes next to their nearest training images (implies mem)")
     p.add_argument("--out", default=None, help="output folder (default <run dir>/eval or <fake dir>_eval)")
     return p.parse_args(argv)
 
@@ -151,6 +155,20 @@ def mix_grid(sampler, seed, n_a=6, n_b=4, batch=64):
     return torch.cat(rows), n_a + 1
 
 
+def mem_grid(ds, real_idx, fake_imgs, nn_idx, nn_dist, res, n_rows=8):
+    """Rows: the n_rows fakes closest to the training set, each followed by its nearest training images."""
+    rows = np.argsort(nn_dist[:, 0])[:n_rows]
+    fk = fake_imgs(rows)
+    fk = resize_to(fk.float() / 127.5 - 1 if fk.dtype == torch.uint8 else fk, res)
+    nn = real_idx[nn_idx[rows]]  # feature rows -> dataset indices, [n_rows, k]
+    reals = ds.uint8(torch.as_tensor(nn.reshape(-1))).float() / 127.5 - 1
+    k = nn.shape[1]
+    grid = torch.cat([torch.cat([fk[r:r + 1], reals[r * k:(r + 1) * k]]) for r in range(len(rows))])
+    info = [{"fake": int(f), "nn": [int(j) for j in nn[r]], "dist": [float(d) for d in nn_dist[f]]}
+            for r, f in enumerate(rows)]
+    return grid, info
+
+
 def read_fakes(folder):
     from common.data import list_images, load_image
     from PIL import Image
@@ -168,7 +186,7 @@ def resize_to(x, res):
 
 def main(argv=None):
     args = parse_args(argv)
-    metrics = [] if args.metrics.strip().lower() in ("none", "") else [m.strip() for m in args.metrics.split(",") if m.strip()]
+    metrics = [m.strip() for m in args.metrics.lower().split(",") if m.strip() not in ("", "none")]
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise UserError(f"--metrics: unknown {', '.join(bad)} (choose from {', '.join(METRICS)}, or none)")
@@ -176,7 +194,10 @@ def main(argv=None):
         metrics.append("mem")
     if (args.target is None) == (args.fake_dir is None):
         raise UserError("give either a run directory / checkpoint, or --fake-dir DIR (not both)")
-    pr_k = [int(k) for k in str(args.pr_k).split(",")]
+    try:
+        pr_k = [int(k) for k in str(args.pr_k).split(",")]
+    except ValueError:
+        raise UserError(f"--pr-k {args.pr_k!r}: expected K or KP,KR (integers)")
     device = pick_device(args.device)
 
     info, ckpt_args, sampler = {}, {}, None
@@ -255,16 +276,9 @@ def main(argv=None):
             stats, nn_idx, nn_dist = memorization(real["feats"], fake, ev.device)
             result.update(stats)
             if args.mem_grid:
-                rows = np.argsort(nn_dist[:, 0])[:8]
-                fk = fake_imgs(rows)
-                fk = resize_to(fk.float() / 127.5 - 1 if fk.dtype == torch.uint8 else fk, res)
-                reals = ds.uint8(torch.as_tensor(ev.real_indices()[nn_idx[rows]].reshape(-1))).float() / 127.5 - 1
-                k = nn_idx.shape[1]
-                grid = torch.cat([torch.cat([fk[r:r + 1], reals[r * k:(r + 1) * k]]) for r in range(len(rows))])
+                grid, result["mem_grid_rows"] = mem_grid(ds, ev.real_indices(), fake_imgs, nn_idx, nn_dist, res)
                 written.append(os.path.join(out, f"{tag}-mem.png"))
-                save_grid(grid, written[-1], nrow=k + 1)
-                result["mem_grid_rows"] = [{"fake": int(r), "nn": [int(j) for j in ev.real_indices()[nn_idx[r]]],
-                                            "dist": [float(d) for d in nn_dist[r]]} for r in rows]
+                save_grid(grid, written[-1], nrow=nn_idx.shape[1] + 1)
         result.update(info, data=data, res=res, n_fake=int(fake.shape[0]), n_real=int(real["feats"].shape[0]),
                       seed=args.seed, protocol=ev.protocol,
                       seconds={"real": round(t1 - t0, 2), "fake": round(t2 - t1, 2), "metrics": round(time.time() - t2, 2)})

@@ -117,8 +117,8 @@ def download_weights(dest):
     for url in _urls():
         tmp = dest + ".tmp"
         try:
-            print(f"downloading {url} -> {dest}", flush=True)
             with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as r, open(tmp, "wb") as f:
+                print(f"downloading {url} -> {dest}", flush=True)
                 shutil.copyfileobj(r, f)
             with warnings.catch_warnings():  # a truncated/HTML response fails here, not later
                 warnings.simplefilter("ignore", FutureWarning)
@@ -237,10 +237,15 @@ def _as_tensor(x, device):
 
 
 @torch.no_grad()
-def kernel_inception_distance(real, fake, num_subsets=100, max_subset_size=1000, seed=0, device="cpu"):
+def kernel_inception_distance(real, fake, num_subsets=100, max_subset_size=1000, seed=0, device="cpu", backend=None):
     """Unbiased MMD^2 with k(x,y) = (x.y/d + 1)^3, averaged over subsets of size m = min(n_real, n_fake, 1000)
-    (StyleGAN2-ADA's compute_kid, in float64 torch on `device`; subsets drawn by numpy default_rng(seed))."""
-    real, fake = _as_tensor(real, device), _as_tensor(fake, device)
+    (StyleGAN2-ADA's compute_kid) in float64; subsets drawn by numpy default_rng(seed). backend: 'numpy' (default on
+    a CPU device: torch's intra-op threads are slow for 300 small products on a busy CPU) or 'torch' (default on GPU)."""
+    backend = backend or ("numpy" if torch.device(device).type == "cpu" else "torch")
+    if backend == "numpy":
+        real, fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+    else:
+        real, fake = _as_tensor(real, device), _as_tensor(fake, device)
     d = real.shape[1]
     m = min(real.shape[0], fake.shape[0], max_subset_size)
     if m < 2:
@@ -248,11 +253,11 @@ def kernel_inception_distance(real, fake, num_subsets=100, max_subset_size=1000,
     rng = np.random.default_rng(seed)
     t = 0.0
     for _ in range(num_subsets):
-        x = fake[torch.as_tensor(rng.choice(fake.shape[0], m, replace=False), device=fake.device)]
-        y = real[torch.as_tensor(rng.choice(real.shape[0], m, replace=False), device=real.device)]
+        x = fake[rng.choice(fake.shape[0], m, replace=False)]
+        y = real[rng.choice(real.shape[0], m, replace=False)]
         a = (x @ x.T / d + 1) ** 3 + (y @ y.T / d + 1) ** 3
         b = (x @ y.T / d + 1) ** 3
-        t += ((a.sum() - a.diagonal().sum()) / (m - 1) - b.sum() * 2 / m).item()
+        t += float((a.sum() - a.trace()) / (m - 1) - b.sum() * 2 / m)
     return float(t / num_subsets / m)
 
 
@@ -407,6 +412,8 @@ class Evaluator:
 
     def compute(self, fake_feats, metrics=("fid", "kid"), k=3, k_recall=None):
         """Metrics of precomputed fake features against the real set: any of fid, kid, pr, mem."""
+        if len(fake_feats) < 2:
+            raise UserError(f"metrics need at least 2 generated images (got {len(fake_feats)})")
         real = self.real_stats()
         out = {}
         if "fid" in metrics:

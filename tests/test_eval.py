@@ -18,9 +18,9 @@ from PIL import Image
 import common.metrics as M
 from common.utils import UserError
 
+import eval as E  # eval.py at the repo root (tests/conftest.py puts the root on sys.path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import eval as E  # noqa: E402
 
 TINYGAN = '''
 import torch
@@ -191,8 +191,8 @@ def test_fake_dir(world, tmp_path, offline):
             Image.fromarray(im.permute(1, 2, 0).numpy().astype(np.uint8)).save(tmp_path / name / f"{i:04d}.png")
     out = {}
     for name in ("copies", "noise"):
-        E.main(["--fake-dir", str(tmp_path / name), "--data", "digits", "--metrics", "fid,kid,mem", "--inception",
-                str(world / "tiny.pt"), "--cache-dir", str(tmp_path / "stats"), "--grid", "--grid-n", "4"])
+        E.main(["--fake-dir", str(tmp_path / name), "--data", "digits", "--metrics", "fid,kid", "--inception",
+                str(world / "tiny.pt"), "--cache-dir", str(tmp_path / "stats"), "--grid", "--grid-n", "4", "--mem-grid"])
         out[name] = json.load(open(tmp_path / f"{name}_eval" / "fakes-metrics.json"))
         assert out[name]["n_fake"] == 150 and out[name]["n_real"] == 1797 and out[name]["res"] == 8
     c, n = out["copies"], out["noise"]
@@ -200,6 +200,10 @@ def test_fake_dir(world, tmp_path, offline):
     # every 'copy' is a training image: nearest-neighbour distance 0, all closer than the real-real 5th percentile
     assert c["mem_fake_nn_mean"] < 1e-5 and c["mem_frac_close"] == 1.0 and c["mem_ratio"] < 1e-4
     assert n["mem_ratio"] > 1.0 and n["mem_frac_close"] == 0.0
+    mem = tiles(tmp_path / "copies_eval" / "fakes-mem.png", 8, 4)  # rows: fake, then its 3 nearest training images
+    assert mem.shape[0] == 32 and all((mem[4 * r] == mem[4 * r + 1]).all() for r in range(8))
+    assert all(row["nn"][0] == 9 * row["fake"] or row["dist"][0] < 1e-5 for row in c["mem_grid_rows"])
+    assert (tiles(tmp_path / "copies_eval" / "fakes-grid.png", 8, 2) == png_u8(reals[:4 * 9:9].float() / 127.5 - 1)).all()
     with pytest.raises(UserError, match="--interp and --mix need a checkpoint"):
         E.main(["--fake-dir", str(tmp_path / "noise"), "--metrics", "none", "--interp"])
 

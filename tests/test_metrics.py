@@ -104,6 +104,8 @@ def test_kid_matches_naive_unbiased_mmd():
         fi, ri = g.choice(25, 20, replace=False), g.choice(20, 20, replace=False)
         ref.append(naive_mmd2(fake[fi], real[ri]))
     assert kid == pytest.approx(np.mean(ref), rel=1e-10, abs=1e-12)
+    # the torch code path (used on GPUs) gives the same number
+    assert M.kernel_inception_distance(real, fake, num_subsets=7, seed=3, backend="torch") == pytest.approx(kid, rel=1e-10)
     # full sets of equal size: every subset is a permutation -> exactly the naive MMD^2
     assert M.kernel_inception_distance(real, fake[:20]) == pytest.approx(naive_mmd2(fake[:20], real), rel=1e-10)
 
