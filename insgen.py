@@ -1,0 +1,1001 @@
+"""InsGen: data-efficient image generation with instance discrimination, on a plain-PyTorch StyleGAN2-ADA.
+
+Paper: Ceyuan Yang, Yujun Shen, Yinghao Xu, Bolei Zhou, "Data-Efficient Instance Generation from Instance
+Discrimination", NeurIPS 2021 (arXiv 2106.04566). Authors' code: github.com/genforce/insgen, itself built on
+NVIDIA's stylegan2-ada-pytorch (Karras et al., "Training GANs with Limited Data", NeurIPS 2020).
+
+What is implemented (one file, no custom CUDA ops, no compile step):
+- StyleGAN2 backbone exactly as stylegan2-ada-pytorch's `paper256` / `auto` configs (parameter counts match:
+  paper256 G 24,767,458 = mapping 2,101,248 + synthesis 22,666,210, D 24,001,089; auto@256 G 23,191,522):
+  equalized learning rate, 8- or 2-layer mapping with lr multiplier 0.01 and w_avg tracking (truncation psi),
+  modulated/demodulated 3x3 convs, per-pixel noise, [1,3,3,1] FIR up/down-sampling (upfirdn2d's reference path),
+  'skip' generator, 'resnet' discriminator with minibatch-std, conv_clamp 256.
+- Non-saturating logistic loss, lazy R1 (every 16 D steps) and path-length regularization (every 4 G steps,
+  weight 2, decay 0.01, batch shrink 2), style mixing p 0.9, G EMA with ramp-up, Adam (0, 0.99) with the lazy-reg
+  lr/beta adjustment, NaN/inf gradients zeroed before each step (as in the reference training loop).
+- ADA 'bgc' pipeline (xflip, rotate90, int translation, iso scale, pre/post rotation, aniso scale, frac translation,
+  brightness, contrast, luma flip, hue, saturation) on EVERY discriminator input (real, fake, R1 pass, InsGen passes),
+  adaptive p (target 0.6, adjusted every 4 iterations by batch*4/(500 kimg)). R1 is taken through the augmentation,
+  which needs the double backward of grid_sample: `grid_sample` below is the reference's custom autograd function.
+- InsGen (paper Sec. 3, authors' code): real and fake instance heads phi_r, phi_f (Linear-ReLU-Linear to 128-d,
+  L2-normalized) on D's pooled 4x4 features, momentum heads + momentum discriminator D' (m 0.999), MoCo queues,
+  InfoNCE (Eq. 4) with tau 0.2; real term C_D^r (Eq. 5), fake term C_D^f with noise perturbation z + 0.15*eps for the
+  positive key (Eq. 6-7), generator term C_G^f without perturbation (Eq. 8-9), loss weights 1.0 / 1.0 / 0.1
+  (Eq. 10-11). `--no-insgen` turns the script into plain StyleGAN2-ADA for comparison.
+
+Deviations / choices (vs. the paper and the authors' code):
+- Temperature tau = 0.2 as in the authors' code; the paper text says 2.
+- Queue size defaults to 5% of the dataset size, doubled when horizontal flips are on (the paper: 200 for 2k
+  flipped images); any batch size works (the queue write wraps around), the authors' MoCo code needs K % batch == 0.
+- D' and the momentum heads are updated once per iteration, after the D step. The fake queue receives the momentum
+  fake head applied to the (detached) D features of the fake queries, the real queue the real keys.
+- Each InsGen query/key is its own D / D' pass with an independent augmentation draw (the G-phase key reuses G(z));
+  the perturbed positive G(z + 0.15 eps) reuses the query's style-mixing draw so the pair differs only by eps.
+- Head width: Linear(C, 512) -> ReLU -> Linear(512, 128) where C = D's 4x4 channels (512 at paper settings).
+- `--ada-linear`: p = target * (images seen / total images), updated every 4 iterations.
+- Runs on one GPU, on CPU and under torchrun (the authors' code always all-gathers and crashes on one GPU). Under
+  torchrun gradients are averaged with one flat all_reduce per phase (as NVIDIA's stylegan3 loop does) instead of
+  wrapping in DistributedDataParallel, which does not combine with R1/path-length double backward and the several
+  D passes per phase; MoCo keys are all-gathered before enqueueing; ADA statistics are all-reduced.
+- No fp16 layers: `--amp` runs the main passes under bf16 autocast; R1 and path-length passes stay fp32.
+- Everything else (fused modconv, TF32 flags, custom CUDA kernels) is replaced by the mathematically equal
+  plain-PyTorch path; conv2d_gradfix is not needed because PyTorch differentiates conv twice natively.
+
+Run:       python insgen.py --data pokemon --res 256 --cfg auto            (1 GPU; --cfg paper256 = 8 GPUs, batch 64)
+Plain ADA: python insgen.py --data pokemon --res 256 --cfg auto --no-insgen
+CPU toy:   python insgen.py --data digits --res 32 --cfg auto --cbase 1024 --cmax 64 --batch 16 --iters 400
+Benchmark: python insgen.py --bench 16 --res 256 --cfg auto   (seconds per kimg with and without InsGen, no files)
+"""
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.data import infinite_batches, load_dataset
+from common.ema import ema_update, make_ema, stylegan_ema_beta
+from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite,
+                          check_method, load_checkpoint, log_metrics, prepare_run_dir, resolve_resume, rng_state,
+                          save_checkpoint, save_grid, seed_everything, set_rng_state, user_errors)
+
+Z_DIM = W_DIM = 512
+SQRT2 = math.sqrt(2.0)
+G_REG_EVERY, D_REG_EVERY, ADA_EVERY = 4, 16, 4
+PL_WEIGHT, PL_DECAY, PL_SHRINK, STYLE_MIX = 2.0, 0.01, 2, 0.9
+TAU, MOMENTUM, PERTURB_STD, LAMBDA_REAL, LAMBDA_FAKE, LAMBDA_G = 0.2, 0.999, 0.15, 1.0, 1.0, 0.1
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="InsGen (StyleGAN2-ADA + instance discrimination), one file.")
+    add_common_args(p, res=256, batch=None, iters=None, lr=0.0025)
+    g = p.add_argument_group("algorithm specific")
+    g.add_argument("--cfg", choices=["paper256", "auto"], default="paper256",
+                   help="stylegan2-ada config: paper256 (batch 64, gamma 1, ema 20, 8 map layers) or auto (1-GPU heuristics)")
+    g.add_argument("--cbase", type=int, default=None, help="channel_base: channels = min(cbase/res, cmax) (cfg: 16384)")
+    g.add_argument("--cmax", type=int, default=512, help="channel_max")
+    g.add_argument("--gamma", type=float, default=None, help="R1 weight (cfg: paper256 1, auto 0.0002*res^2/batch)")
+    g.add_argument("--mbstd", type=int, default=None, help="minibatch-std group size (cfg: paper256 8, auto 4)")
+    g.add_argument("--map", type=int, default=None, help="mapping layers (cfg: paper256 8, auto 2)")
+    g.add_argument("--ema", type=float, default=None, help="G EMA half-life in kimg (cfg: paper256 20, auto batch*10/32)")
+    g.add_argument("--psi", type=float, default=1.0, help="truncation psi for sample grids and eval.py (1 = none)")
+    g.add_argument("--aug", choices=["ada", "noaug"], default="ada", help="ADA 'bgc' augmentation or none")
+    g.add_argument("--target", type=float, default=0.6, help="ADA target for E[sign(D(real))]")
+    g.add_argument("--ada-kimg", type=float, default=500, help="ADA speed: p can go 0 -> 1 in this many kimg")
+    g.add_argument("--ada-linear", action="store_true", help="ramp p linearly from 0 to --target over training")
+    g.add_argument("--queue", type=int, default=None, help="MoCo queue length K (default 5%% of dataset, x2 with flips)")
+    g.add_argument("--no-insgen", action="store_true", help="plain StyleGAN2-ADA (no instance discrimination)")
+    g.add_argument("--mix-grid", action="store_true", help="also write samples/mix_<step>.png style-mixing grids")
+    g.add_argument("--bench", type=int, default=0,
+                   help="benchmark: time N iterations (use a multiple of 16) with and without InsGen, print s/kimg, exit")
+    return p.parse_args(argv)
+
+
+def resolve_cfg(args, world=1):
+    """Fill the None flags from the config table (stylegan2-ada-pytorch train.py, cfg_specs)."""
+    res = args.res
+    if res < 8 or res > 1024 or res & (res - 1):
+        raise UserError(f"--res {res} is not supported: use a power of two from 8 to 1024")
+    if args.cfg == "paper256":
+        c = dict(batch=64, mbstd=8, cbase=16384, gamma=1.0, ema=20.0, rampup=None, map=8)
+    else:  # 'auto': batch = gpus*min(4096/res, 32) capped at 64, gamma from a heuristic, mbstd fixed at 4
+        b = max(min(world * min(4096 // res, 32), 64), world)
+        c = dict(batch=b, mbstd=min(b // world, 4), cbase=32768 if res >= 512 else 16384,
+                 gamma=0.0002 * res ** 2 / b, ema=b * 10 / 32, rampup=0.05, map=2)
+    for k in ("batch", "mbstd", "cbase", "gamma", "ema", "map"):
+        if getattr(args, k) is None:
+            setattr(args, k, c[k])
+    args.rampup = c["rampup"]
+    if args.iters is None:
+        args.iters = 25000 * 1000 // args.batch  # the reference's 25,000 kimg
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Low-level ops: FIR resampling (upfirdn2d reference path), bias+activation, modulated conv, grid_sample w/ 2nd order
+# ----------------------------------------------------------------------------------------------------------------
+def setup_filter(taps):
+    """Normalized FIR filter: 2-D outer product for short filters ([1,3,3,1] -> 4x4), 1-D separable for >= 8 taps."""
+    f = torch.as_tensor(taps, dtype=torch.float32)
+    if f.numel() < 8:
+        f = torch.outer(f, f)
+    return f / f.sum()
+
+
+def upfirdn2d(x, f, up=1, down=1, pad=(0, 0, 0, 0), gain=1.0, flip=False):
+    """Upsample (zero insertion), pad (x0, x1, y0, y1; negative = crop), FIR filter, downsample: NVIDIA's
+    `_upfirdn2d_ref` as a depthwise conv2d."""
+    B, C, H, W = x.shape
+    if up > 1:
+        x = F.pad(x.reshape(B, C, H, 1, W, 1), [0, up - 1, 0, 0, 0, up - 1]).reshape(B, C, H * up, W * up)
+    px0, px1, py0, py1 = pad
+    x = F.pad(x, [max(px0, 0), max(px1, 0), max(py0, 0), max(py1, 0)])
+    x = x[:, :, max(-py0, 0): x.shape[2] - max(-py1, 0), max(-px0, 0): x.shape[3] - max(-px1, 0)]
+    f = (f * gain ** (f.ndim / 2)).to(x.dtype)
+    if not flip:  # conv2d is a correlation: flip to get a convolution
+        f = f.flip(list(range(f.ndim)))
+    if f.ndim == 2:
+        x = F.conv2d(x, f[None, None].expand(C, 1, *f.shape), groups=C)
+    else:  # separable
+        x = F.conv2d(x, f[None, None, None, :].expand(C, 1, 1, -1), groups=C)
+        x = F.conv2d(x, f[None, None, :, None].expand(C, 1, -1, 1), groups=C)
+    return x[:, :, ::down, ::down]
+
+
+def upsample2d(x, f, up=2):
+    fw = f.shape[-1]
+    p0, p1 = (fw + up - 1) // 2, (fw - up) // 2
+    return upfirdn2d(x, f, up=up, pad=(p0, p1, p0, p1), gain=up * up)
+
+
+def downsample2d(x, f, down=2, padding=0, flip=False):
+    fw = f.shape[-1]
+    p0, p1 = padding + (fw - down + 1) // 2, padding + (fw - down) // 2
+    return upfirdn2d(x, f, down=down, pad=(p0, p1, p0, p1), flip=flip)
+
+
+def conv2d_resample(x, w, f=None, up=1, down=1, padding=0):
+    """conv2d_resample's fast paths. down: blur then strided conv. up: stride-2 transposed conv then blur (gain 4)."""
+    kw, fw = w.shape[-1], (f.shape[-1] if f is not None else 0)
+    if down > 1:
+        p0, p1 = padding + (fw - down + 1) // 2, padding + (fw - down) // 2
+        return F.conv2d(upfirdn2d(x, f, pad=(p0, p1, p0, p1)), w, stride=down)
+    if up > 1:
+        p0 = padding + (fw + up - 1) // 2 - (kw - 1)
+        p1 = padding + (fw - up) // 2 - (kw - up)
+        pt = max(min(-p0, -p1), 0)
+        x = F.conv_transpose2d(x, w.transpose(0, 1), stride=up, padding=pt)
+        return upfirdn2d(x, f, pad=(p0 + pt, p1 + pt, p0 + pt, p1 + pt), gain=up * up)
+    return F.conv2d(x, w, padding=padding)
+
+
+def f32(x):
+    """Half/bf16 -> fp32; fp32/fp64 unchanged (tests run whole pipelines in fp64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def bias_act(x, b, act="linear", gain=1.0, clamp=None):
+    """x + b, then lrelu(0.2) * sqrt(2) (or linear), times gain, clamped to +-clamp*gain (Conv2dLayer/bias_act)."""
+    if b is not None:
+        x = x + (b.reshape(1, -1, 1, 1) if x.ndim == 4 else b).to(x.dtype)
+    act_gain = gain * SQRT2 if act == "lrelu" else gain
+    if act == "lrelu":
+        x = F.leaky_relu(x, 0.2)
+    if act_gain != 1:
+        x = x * act_gain
+    if clamp is not None:
+        x = x.clamp(-clamp * gain, clamp * gain)
+    return x
+
+
+def modulated_conv2d(x, weight, styles, noise=None, up=1, padding=0, f=None, demodulate=True):
+    """StyleGAN2 Eq. 1-3 (the reference's non-fused training path): scale input channels by the style, convolve
+    with the shared weight, then divide each output channel by sqrt(sum_{i,k} (w_oik * s_i)^2 + 1e-8)."""
+    x = x * styles.to(x.dtype).reshape(x.shape[0], -1, 1, 1)
+    x = conv2d_resample(x, weight.to(x.dtype), f, up=up, padding=padding)
+    if demodulate:
+        dcoefs = (styles.square() @ weight.square().sum([2, 3]).t() + 1e-8).rsqrt()  # [B, O]
+        x = x * dcoefs.to(x.dtype).reshape(x.shape[0], -1, 1, 1)
+    if noise is not None:
+        x = x + noise.to(x.dtype)
+    return x
+
+
+class _GridSample(torch.autograd.Function):
+    """Bilinear grid_sample (zeros padding, align_corners=False) whose backward is itself differentiable w.r.t. the
+    incoming gradient: what R1 through ADA needs (pytorch issue 34704; NVIDIA's grid_sample_gradfix.py)."""
+
+    @staticmethod
+    def forward(ctx, x, grid):
+        ctx.save_for_backward(x, grid)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, grid = ctx.saved_tensors
+        return _GridSampleBackward.apply(grad_out, x, grid)
+
+
+class _GridSampleBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad_out, x, grid):
+        gx, ggrid = torch.ops.aten.grid_sampler_2d_backward(grad_out, x, grid, 0, 0, False, [True, True])
+        ctx.save_for_backward(grid)
+        return gx, ggrid
+
+    @staticmethod
+    def backward(ctx, gg_x, gg_grid):
+        grid, = ctx.saved_tensors
+        if ctx.needs_input_grad[2]:
+            raise RuntimeError("second-order gradients w.r.t. the sampling grid are not implemented")
+        # grad_x = A^T grad_out with A the (fixed-grid) linear sampling operator, so d grad_x / d grad_out = A^T and
+        # its transpose applied to gg_x is A gg_x = grid_sample(gg_x); grad_x does not depend on x (linear op).
+        return (_GridSample.apply(gg_x, grid) if ctx.needs_input_grad[0] else None), None, None
+
+
+def grid_sample(x, grid):
+    return _GridSample.apply(x, grid)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Networks (stylegan2-ada-pytorch training/networks.py)
+# ----------------------------------------------------------------------------------------------------------------
+class FC(nn.Module):
+    """Equalized-lr fully connected layer: weight N(0,1)/lr_mul, runtime gain lr_mul/sqrt(fan_in), bias gain lr_mul."""
+
+    def __init__(self, cin, cout, act="linear", bias_init=0.0, lr_mul=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin) / lr_mul)
+        self.bias = nn.Parameter(torch.full([cout], float(bias_init)))
+        self.act, self.wg, self.bg = act, lr_mul / math.sqrt(cin), lr_mul
+
+    def forward(self, x):
+        return bias_act(F.linear(x, self.weight * self.wg), self.bias * self.bg, self.act)
+
+
+class Mapping(nn.Module):
+    def __init__(self, num_ws, layers=8, lr_mul=0.01, w_avg_beta=0.995):
+        super().__init__()
+        self.num_ws, self.beta = num_ws, w_avg_beta
+        self.fcs = nn.ModuleList([FC(Z_DIM if i == 0 else W_DIM, W_DIM, "lrelu", lr_mul=lr_mul) for i in range(layers)])
+        self.register_buffer("w_avg", torch.zeros(W_DIM))
+
+    def forward(self, z, psi=1.0, update_w_avg=False):
+        x = z * (z.square().mean(1, keepdim=True) + 1e-8).rsqrt()  # normalize_2nd_moment
+        for fc in self.fcs:
+            x = fc(x)
+        if update_w_avg and self.training:  # moving average of w, the truncation centre
+            self.w_avg.copy_(x.detach().to(self.w_avg.dtype).mean(0).lerp(self.w_avg, self.beta))
+        x = x.unsqueeze(1).repeat(1, self.num_ws, 1)
+        return self.w_avg.lerp(x, psi) if psi != 1 else x
+
+
+class SynthLayer(nn.Module):
+    """Modulated 3x3 conv (+ optional x2 up) with demodulation, per-pixel noise x learned strength, bias, lrelu."""
+
+    def __init__(self, cin, cout, res, up=1, clamp=256):
+        super().__init__()
+        self.affine = FC(W_DIM, cin, bias_init=1)
+        self.weight = nn.Parameter(torch.randn(cout, cin, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(cout))
+        self.noise_strength = nn.Parameter(torch.zeros([]))
+        self.register_buffer("noise_const", torch.randn(res, res))
+        self.register_buffer("resample_filter", setup_filter([1, 3, 3, 1]))
+        self.res, self.up, self.clamp = res, up, clamp
+
+    def forward(self, x, w, noise_mode="random"):
+        noise = None
+        if noise_mode == "random":
+            noise = torch.randn(x.shape[0], 1, self.res, self.res, device=x.device) * self.noise_strength
+        elif noise_mode == "const":
+            noise = self.noise_const * self.noise_strength
+        x = modulated_conv2d(x, self.weight, self.affine(w), noise, self.up, 1, self.resample_filter)
+        return bias_act(x, self.bias, "lrelu", clamp=self.clamp)
+
+
+class ToRGB(nn.Module):
+    def __init__(self, cin, clamp=256):
+        super().__init__()
+        self.affine = FC(W_DIM, cin, bias_init=1)
+        self.weight = nn.Parameter(torch.randn(3, cin, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(3))
+        self.wg, self.clamp = 1 / math.sqrt(cin), clamp
+
+    def forward(self, x, w):
+        x = modulated_conv2d(x, self.weight, self.affine(w) * self.wg, demodulate=False)
+        return bias_act(x, self.bias, clamp=self.clamp)
+
+
+class SynthBlock(nn.Module):
+    def __init__(self, cin, cout, res):
+        super().__init__()
+        self.cin = cin
+        if cin == 0:
+            self.const = nn.Parameter(torch.randn(cout, res, res))
+        else:
+            self.conv0 = SynthLayer(cin, cout, res, up=2)
+        self.conv1 = SynthLayer(cout, cout, res)
+        self.torgb = ToRGB(cout)
+        self.register_buffer("resample_filter", setup_filter([1, 3, 3, 1]))
+        self.num_conv = 1 if cin == 0 else 2
+
+    def forward(self, x, img, ws, noise_mode):
+        if self.cin == 0:
+            x = self.const.unsqueeze(0).repeat(ws.shape[0], 1, 1, 1)
+        else:
+            x = self.conv0(x, ws[:, 0], noise_mode)
+        x = self.conv1(x, ws[:, self.num_conv - 1], noise_mode)
+        y = self.torgb(x, ws[:, self.num_conv])
+        img = y if img is None else upsample2d(img, self.resample_filter) + y  # 'skip' architecture
+        return x, img
+
+
+def channels(cbase, cmax, res):
+    return min(cbase // res, cmax)
+
+
+class Synthesis(nn.Module):
+    def __init__(self, res, cbase, cmax):
+        super().__init__()
+        self.res = res
+        rs = [2 ** i for i in range(2, int(math.log2(res)) + 1)]
+        self.blocks = nn.ModuleList([SynthBlock(channels(cbase, cmax, r // 2) if r > 4 else 0, channels(cbase, cmax, r), r)
+                                     for r in rs])
+        self.num_ws = sum(b.num_conv for b in self.blocks) + 1
+
+    def forward(self, ws, noise_mode="random"):
+        x = img = None
+        i = 0
+        for b in self.blocks:
+            x, img = b(x, img, ws[:, i: i + b.num_conv + 1], noise_mode)
+            i += b.num_conv
+        return img
+
+
+class Generator(nn.Module):
+    def __init__(self, res, cbase=16384, cmax=512, map_layers=8):
+        super().__init__()
+        self.res = res
+        self.synthesis = Synthesis(res, cbase, cmax)
+        self.mapping = Mapping(self.synthesis.num_ws, map_layers)
+
+    def forward(self, z, psi=1.0, noise_mode="random"):
+        return self.synthesis(self.mapping(z, psi), noise_mode)
+
+
+class Conv(nn.Module):
+    """Equalized-lr conv (weight gain 1/sqrt(fan_in)), optional blur + stride-2 downsampling, bias_act with clamp."""
+
+    def __init__(self, cin, cout, k, act="lrelu", bias=True, down=1, clamp=256):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, k, k))
+        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
+        self.register_buffer("resample_filter", setup_filter([1, 3, 3, 1]))
+        self.wg, self.act, self.down, self.pad, self.clamp = 1 / math.sqrt(cin * k * k), act, down, k // 2, clamp
+
+    def forward(self, x, gain=1.0):
+        x = conv2d_resample(x, self.weight * self.wg, self.resample_filter, down=self.down, padding=self.pad)
+        return bias_act(x, self.bias, self.act, gain, self.clamp)
+
+
+class DBlock(nn.Module):
+    """'resnet' block: [fromRGB] conv0 3x3, conv1 3x3 down2, skip 1x1 down2 no bias; out = (skip + conv1)*sqrt(.5)."""
+
+    def __init__(self, cin, tmp, cout):
+        super().__init__()
+        self.fromrgb = Conv(3, tmp, 1) if cin == 0 else None
+        self.conv0 = Conv(tmp, tmp, 3)
+        self.conv1 = Conv(tmp, cout, 3, down=2)
+        self.skip = Conv(tmp, cout, 1, act="linear", bias=False, down=2, clamp=None)
+
+    def forward(self, x, img):
+        if self.fromrgb is not None:
+            x = self.fromrgb(img)
+        y = self.skip(x, gain=math.sqrt(0.5))
+        return y + self.conv1(self.conv0(x), gain=math.sqrt(0.5))
+
+
+def minibatch_std(x, group):
+    N, C, H, W = x.shape
+    G = min(group, N)
+    y = x.reshape(G, -1, 1, C, H, W)          # sample n belongs to group n % (N/G), as in the reference
+    y = (y - y.mean(0)).square().mean(0)
+    y = (y + 1e-8).sqrt().mean([2, 3, 4])     # [N/G, 1]
+    y = y.reshape(-1, 1, 1, 1).repeat(G, 1, H, W)
+    return torch.cat([x, y.to(x.dtype)], 1)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, res, cbase=16384, cmax=512, mbstd=4, clamp=256):
+        super().__init__()
+        ch = lambda r: channels(cbase, cmax, r)  # noqa: E731
+        rs = [2 ** i for i in range(int(math.log2(res)), 2, -1)]
+        self.blocks = nn.ModuleList([DBlock(0 if r == res else ch(r), ch(r), ch(r // 2)) for r in rs])
+        self.mbstd, self.feat_dim = mbstd, ch(4)
+        self.conv = Conv(ch(4) + 1, ch(4), 3, clamp=clamp)
+        self.fc = FC(ch(4) * 16, ch(4), "lrelu")
+        self.out = FC(ch(4), 1)
+
+    def forward(self, img, feat_only=False):
+        """Returns (logits [N], features [N, C]); features = the 4x4 activation before minibatch-std, averaged
+        over space, fp32 (the InsGen backbone d(.), paper Sec. 3.3)."""
+        x = None
+        for b in self.blocks:
+            x = b(x, img)
+        feat = f32(x).mean([2, 3])
+        if feat_only:
+            return feat
+        x = self.conv(minibatch_std(x, self.mbstd))
+        return f32(self.out(self.fc(x.flatten(1))).squeeze(1)), feat
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ADA: 'bgc' augmentation pipeline (stylegan2-ada-pytorch training/augment.py) and the adaptive heuristic
+# ----------------------------------------------------------------------------------------------------------------
+SYM6 = [0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633, 0.4910559419267466,
+        0.787641141030194, 0.3379294217276218, -0.07263752278646252, -0.021060292512300564, 0.04472490177066578,
+        0.0017677118642428036, -0.007800708325034148]
+
+
+def _matrix(*rows, device):
+    elems = [x for r in rows for x in r]
+    ref = next((x for x in elems if torch.is_tensor(x)), None)
+    if ref is None:
+        return torch.tensor(rows, dtype=torch.get_default_dtype(), device=device)
+    elems = [x if torch.is_tensor(x) else torch.full_like(ref, float(x)) for x in elems]
+    return torch.stack(elems, -1).reshape(*ref.shape, len(rows), -1)
+
+
+def translate2d(tx, ty, device):
+    return _matrix([1, 0, tx], [0, 1, ty], [0, 0, 1], device=device)
+
+
+def scale2d(sx, sy, device):
+    return _matrix([sx, 0, 0], [0, sy, 0], [0, 0, 1], device=device)
+
+
+def rotate2d(t, device):
+    return _matrix([torch.cos(t), torch.sin(-t), 0], [torch.sin(t), torch.cos(t), 0], [0, 0, 1], device=device)
+
+
+def rotate3d(v, t, device):
+    vx, vy, vz = v[0], v[1], v[2]
+    s, c = torch.sin(t), torch.cos(t)
+    cc = 1 - c
+    return _matrix([vx * vx * cc + c, vx * vy * cc - vz * s, vx * vz * cc + vy * s, 0],
+                   [vy * vx * cc + vz * s, vy * vy * cc + c, vy * vz * cc - vx * s, 0],
+                   [vz * vx * cc - vy * s, vz * vy * cc + vx * s, vz * vz * cc + c, 0], [0, 0, 0, 1], device=device)
+
+
+class AugmentPipe(nn.Module):
+    """ADA 'bgc': every op applied per sample with probability p (all multipliers 1); p is set by `ADA` below."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = 0.0
+        self.register_buffer("Hz_geom", setup_filter(SYM6))
+
+    def geometric(self, images, G_inv):
+        """Apply per-sample inverse pixel transforms G_inv [B,3,3] (output pixel -> input pixel, origin at the image
+        centre): reflect-pad enough to cover the transformed corners, upsample 2x (sym6), bilinear-sample, downsample."""
+        B, C, H, W = images.shape
+        dev = images.device
+        cx, cy = (W - 1) / 2, (H - 1) / 2
+        cp = _matrix([-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1], device=dev)
+        cp = G_inv @ cp.t()
+        hz_pad = self.Hz_geom.shape[0] // 4
+        margin = cp[:, :2, :].permute(1, 0, 2).flatten(1)
+        margin = torch.cat([-margin, margin]).max(dim=1).values
+        margin = margin + torch.tensor([hz_pad * 2 - cx, hz_pad * 2 - cy] * 2, device=dev)
+        margin = margin.clamp(min=0).minimum(torch.tensor([W - 1, H - 1] * 2, device=dev, dtype=margin.dtype))
+        mx0, my0, mx1, my1 = [int(v) for v in margin.ceil().tolist()]
+        images = F.pad(images, [mx0, mx1, my0, my1], mode="reflect")
+        G_inv = translate2d((mx0 - mx1) / 2, (my0 - my1) / 2, dev) @ G_inv
+        images = upsample2d(images, self.Hz_geom)
+        G_inv = scale2d(2, 2, dev) @ G_inv @ scale2d(0.5, 0.5, dev)
+        G_inv = translate2d(-0.5, -0.5, dev) @ G_inv @ translate2d(0.5, 0.5, dev)
+        shape = [B, C, (H + hz_pad * 2) * 2, (W + hz_pad * 2) * 2]
+        G_inv = (scale2d(2 / images.shape[3], 2 / images.shape[2], dev) @ G_inv
+                 @ scale2d(shape[3] / 2, shape[2] / 2, dev))
+        grid = F.affine_grid(G_inv[:, :2, :], shape, align_corners=False)
+        images = grid_sample(images, grid)
+        images = downsample2d(images, self.Hz_geom, padding=-hz_pad * 2, flip=True)
+        return images
+
+    def forward(self, images):
+        images = f32(images)
+        B, C, H, W = images.shape
+        dev, p = images.device, self.p
+        rand = lambda *s: torch.rand(*s, device=dev)  # noqa: E731
+        randn = lambda *s: torch.randn(*s, device=dev)  # noqa: E731
+        where = lambda v, other: torch.where(rand(v.shape[0], *([1] * (v.ndim - 1))) < p, v, other)  # noqa: E731
+        # Geometric: G_inv maps output pixel coords to input pixel coords.
+        i = where(torch.floor(rand(B) * 2), torch.zeros(B, device=dev))
+        G_inv = scale2d(1 - 2 * i, 1, dev)                                                     # xflip
+        i = where(torch.floor(rand(B) * 4), torch.zeros(B, device=dev))
+        G_inv = G_inv @ rotate2d(np.pi / 2 * i, dev)                                          # rotate90
+        t = where((rand(B, 2) * 2 - 1) * 0.125, torch.zeros(B, 2, device=dev))
+        G_inv = G_inv @ translate2d(-torch.round(t[:, 0] * W), -torch.round(t[:, 1] * H), dev)  # integer translation
+        s = where(torch.exp2(randn(B) * 0.2), torch.ones(B, device=dev))
+        G_inv = G_inv @ scale2d(1 / s, 1 / s, dev)                                             # isotropic scale
+        p_rot = 1 - math.sqrt(min(max(1 - p, 0.0), 1.0))  # P(pre or post rotation) = p
+        th = (rand(B) * 2 - 1) * np.pi
+        th = torch.where(rand(B) < p_rot, th, torch.zeros_like(th))
+        G_inv = G_inv @ rotate2d(th, dev)                                                      # pre-rotation
+        s = where(torch.exp2(randn(B) * 0.2), torch.ones(B, device=dev))
+        G_inv = G_inv @ scale2d(1 / s, s, dev)                                                 # anisotropic scale
+        th = (rand(B) * 2 - 1) * np.pi
+        th = torch.where(rand(B) < p_rot, th, torch.zeros_like(th))
+        G_inv = G_inv @ rotate2d(th, dev)                                                      # post-rotation
+        t = where(randn(B, 2) * 0.125, torch.zeros(B, 2, device=dev))
+        G_inv = G_inv @ translate2d(-t[:, 0] * W, -t[:, 1] * H, dev)                          # fractional translation
+
+        images = self.geometric(images, G_inv)
+
+        # Colour: a 4x4 homogeneous matrix per sample acting on RGB.
+        I4 = torch.eye(4, device=dev)
+        b = where(randn(B) * 0.2, torch.zeros(B, device=dev))
+        Cm = _matrix([1, 0, 0, b], [0, 1, 0, b], [0, 0, 1, b], [0, 0, 0, 1], device=dev)      # brightness
+        c = where(torch.exp2(randn(B) * 0.5), torch.ones(B, device=dev))
+        Cm = _matrix([c, 0, 0, 0], [0, c, 0, 0], [0, 0, c, 0], [0, 0, 0, 1], device=dev) @ Cm  # contrast
+        v = torch.tensor([1.0, 1, 1, 0], device=dev) / math.sqrt(3)        # luma axis
+        i = where(torch.floor(rand(B, 1, 1) * 2), torch.zeros(B, 1, 1, device=dev))
+        Cm = (I4 - 2 * torch.outer(v, v) * i) @ Cm                                            # luma flip
+        th = where((rand(B) * 2 - 1) * np.pi, torch.zeros(B, device=dev))
+        Cm = rotate3d(v, th, dev) @ Cm                                                        # hue rotation
+        s = where(torch.exp2(randn(B, 1, 1) * 1.0), torch.ones(B, 1, 1, device=dev))
+        Cm = (torch.outer(v, v) + (I4 - torch.outer(v, v)) * s) @ Cm                          # saturation
+        images = images.reshape(B, C, H * W)
+        images = Cm[:, :3, :3] @ images + Cm[:, :3, 3:]
+        return images.reshape(B, C, H, W)
+
+
+class ADA:
+    """Adaptive p: every 4 iterations p += sign(E[sign(D(real))] - target) * batch*4 / (ada_kimg*1000), p >= 0."""
+
+    def __init__(self, pipe, target=0.6, kimg=500, linear=False):
+        self.pipe, self.target, self.kimg, self.linear = pipe, target, kimg, linear
+        self.acc = torch.zeros(2)  # [sum of signs, count] since the last update
+        self.rt = 0.0
+
+    def accumulate(self, real_logits):
+        real_logits = real_logits.detach()
+        self.acc = self.acc.to(real_logits.device) + torch.stack(
+            [real_logits.sign().sum().float(), torch.tensor(float(real_logits.numel()), device=real_logits.device)])
+
+    def update(self, batch, world=1, progress=None):
+        acc = self.acc.clone()
+        if world > 1:
+            dist.all_reduce(acc)
+        self.acc = torch.zeros_like(acc)
+        self.rt = float(acc[0] / acc[1].clamp(min=1))
+        if self.linear:  # --ada-linear: p = target * fraction of training done
+            self.pipe.p = self.target * min(max(progress, 0.0), 1.0)
+        else:
+            adjust = np.sign(self.rt - self.target) * batch * ADA_EVERY / (self.kimg * 1000)
+            self.pipe.p = max(self.pipe.p + float(adjust), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# InsGen: heads, MoCo queues, InfoNCE
+# ----------------------------------------------------------------------------------------------------------------
+class Head(nn.Module):
+    """phi: Linear(C, 512) -> ReLU -> Linear(512, 128) -> L2 normalize (plain nn.Linear init)."""
+
+    def __init__(self, cin, hidden=512, dim=128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(cin, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+    def forward(self, feat):
+        return F.normalize(f32(self.net(feat)), dim=1)
+
+
+class Queue(nn.Module):
+    """MoCo FIFO of K keys, stored as columns of a [dim, K] buffer (randn, column-normalized at init)."""
+
+    def __init__(self, dim, K):
+        super().__init__()
+        self.register_buffer("keys", F.normalize(torch.randn(dim, K), dim=0))
+        self.register_buffer("ptr", torch.zeros([], dtype=torch.long))
+
+    @torch.no_grad()
+    def push(self, k, world=1):
+        if world > 1:  # every rank enqueues the keys of all ranks, in rank order
+            parts = [torch.empty_like(k) for _ in range(world)]
+            dist.all_gather(parts, k.contiguous())
+            k = torch.cat(parts)
+        K = self.keys.shape[1]
+        k = k[-K:].to(self.keys.dtype)
+        idx = (self.ptr + torch.arange(k.shape[0], device=k.device)) % K  # wraps around the end
+        self.keys[:, idx] = k.t()
+        self.ptr.copy_((self.ptr + k.shape[0]) % K)
+
+
+def infonce(q, k, queue, tau=TAU):
+    """Eq. 4: -log exp(q.k+/tau) / (exp(q.k+/tau) + sum_i exp(q.k_i/tau)); label 0 = the positive."""
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue], 1) / tau
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+class InsGenModule(nn.Module):
+    def __init__(self, feat_dim, K):
+        super().__init__()
+        self.real, self.fake = Head(feat_dim), Head(feat_dim)
+        self.real_m, self.fake_m = copy.deepcopy(self.real), copy.deepcopy(self.fake)
+        for p in list(self.real_m.parameters()) + list(self.fake_m.parameters()):
+            p.requires_grad_(False)
+        self.real_q, self.fake_q = Queue(128, K), Queue(128, K)
+
+    def trainable(self):
+        return list(self.real.parameters()) + list(self.fake.parameters())
+
+    @torch.no_grad()
+    def momentum_update(self, m=MOMENTUM):
+        ema_update(self.real_m, self.real, m)
+        ema_update(self.fake_m, self.fake, m)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training pieces
+# ----------------------------------------------------------------------------------------------------------------
+def lazy_adam(params, lr, every):
+    """Lazy regularization (StyleGAN2 App. B): lr * k/(k+1), betas ** (k/(k+1))."""
+    r = every / (every + 1)
+    return torch.optim.Adam(params, lr=lr * r, betas=(0.0 ** r, 0.99 ** r), eps=1e-8)
+
+
+def build(args, device, n_data, world=1):
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    m = SimpleNamespace()
+    m.G = Generator(args.res, args.cbase, args.cmax, args.map).to(device)
+    m.D = Discriminator(args.res, args.cbase, args.cmax, args.mbstd).to(device)
+    m.G_ema = make_ema(m.G)
+    m.opt_G = lazy_adam(m.G.parameters(), args.lr, G_REG_EVERY)
+    m.opt_D = lazy_adam(m.D.parameters(), args.lr, D_REG_EVERY)
+    m.aug = AugmentPipe().to(device) if args.aug == "ada" else None
+    m.ada = ADA(m.aug, args.target, args.ada_kimg, args.ada_linear) if m.aug is not None else None
+    m.pl_mean = torch.zeros([], device=device)
+    m.ins = None
+    if not args.no_insgen:
+        K = args.queue or max(1, round(0.05 * n_data * (1 if args.no_flip else 2)))
+        m.ins = InsGenModule(m.D.feat_dim, K).to(device)
+        m.ins.requires_grad_(False)  # heads train only in the D main phase
+        m.D_ema = make_ema(m.D)
+        m.opt_H = lazy_adam(m.ins.trainable(), args.lr, D_REG_EVERY)
+    m.G.requires_grad_(False)
+    m.D.requires_grad_(False)
+    if world > 1:
+        for t in module_tensors(m):
+            dist.broadcast(t, 0)
+    return m
+
+
+def module_tensors(m):
+    mods = [m.G, m.D, m.G_ema] + ([m.ins, m.D_ema] if m.ins is not None else [])
+    return [t for mod in mods for t in list(mod.parameters()) + list(mod.buffers())]
+
+
+def run_G(G, z, mix=None, update_w_avg=True):
+    """G(z) with style mixing (p 0.9): from a random layer `cutoff` on, use the w of a second latent.
+    Returns (img, ws, mix) where mix = (z2, cutoff) can be passed back to reuse the same mixing draw."""
+    ws = G.mapping(z, update_w_avg=update_w_avg)
+    if mix is None:
+        cutoff = int(torch.randint(1, ws.shape[1], ())) if float(torch.rand(())) < STYLE_MIX else ws.shape[1]
+        mix = (torch.randn_like(z), cutoff)
+    z2, cutoff = mix
+    if cutoff < ws.shape[1]:
+        ws = torch.cat([ws[:, :cutoff], G.mapping(z2)[:, cutoff:]], 1)
+    return G.synthesis(ws), ws, mix
+
+
+def step_opt(opt, params, world):
+    """Average gradients over ranks (one flat all_reduce), zero NaN/inf like the reference loop, step."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world > 1 and grads:
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        for g, f in zip(grads, torch.split(flat, [g.numel() for g in grads])):
+            g.copy_(f.view_as(g))
+    for g in grads:
+        torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5, out=g)
+    opt.step()
+
+
+def train_step(m, args, real, step, world=1):
+    """One iteration: Gmain, [Gpl], Dmain, [Dr1] phases (each its own backward + step), EMAs, ADA. Returns losses."""
+    G, D, ins, amp, dev = m.G, m.D, m.ins, args.amp, real.device
+    aug = m.aug if m.aug is not None else (lambda x: x)
+    B = real.shape[0]
+    z_main, z_pl, z_d, _ = torch.randn(4 * B, Z_DIM, device=dev).split(B)
+    L = {}
+
+    # Gmain: non-saturating loss softplus(-D(aug(G(z)))) + lambda_G * C_G^f (Eq. 2, 8-9, 11).
+    G.requires_grad_(True)
+    m.opt_G.zero_grad(set_to_none=True)
+    with autocast(real.device, amp):
+        img, _, _ = run_G(G, z_main)
+        logits, _ = D(aug(img))
+        loss = F.softplus(-logits).mean()
+        L["loss_G"] = loss.detach()
+        if ins is not None:  # query with gradient into G (head and D frozen), key from D' on another view of G(z)
+            q = ins.fake(D(aug(img), feat_only=True))
+            with torch.no_grad():
+                k = ins.fake_m(m.D_ema(aug(img.detach()), feat_only=True))
+            cl_g = infonce(q, k, ins.fake_q.keys.clone())
+            L["cl_G"] = cl_g.detach()
+            loss = loss + LAMBDA_G * cl_g
+    loss.backward()
+    step_opt(m.opt_G, G.parameters(), world)
+
+    # Gpl: path-length regularization every 4 steps, on half the batch (StyleGAN2 Eq. 4), loss x interval.
+    if step % G_REG_EVERY == 0:
+        m.opt_G.zero_grad(set_to_none=True)
+        img, ws, _ = run_G(G, z_pl[:max(B // PL_SHRINK, 1)])
+        noise = torch.randn_like(img) / math.sqrt(img.shape[2] * img.shape[3])
+        grad, = torch.autograd.grad((img * noise).sum(), ws, create_graph=True)
+        lengths = grad.square().sum(2).mean(1).sqrt()
+        pl_mean = m.pl_mean.lerp(lengths.mean(), PL_DECAY)
+        m.pl_mean.copy_(pl_mean.detach())
+        pen = (lengths - pl_mean).square() * PL_WEIGHT
+        (img[:, 0, 0, 0] * 0 + pen).mean().mul(G_REG_EVERY).backward()
+        step_opt(m.opt_G, G.parameters(), world)
+        L["pl"] = pen.mean().detach()
+    G.requires_grad_(False)
+
+    # Dmain: softplus(D(aug(G(z)))) + softplus(-D(aug(x))) + C_D^r + C_D^f (Eq. 1, 5-7, 10).
+    D.requires_grad_(True)
+    m.opt_D.zero_grad(set_to_none=True)
+    if ins is not None:
+        m.opt_H.zero_grad(set_to_none=True)
+        for p in ins.trainable():
+            p.requires_grad_(True)
+    with autocast(real.device, amp):
+        with torch.no_grad():
+            img, _, mix = run_G(G, z_d)
+        logits_f, _ = D(aug(img))
+        logits_r, _ = D(aug(real))
+        if m.ada is not None:
+            m.ada.accumulate(logits_r)
+        loss = F.softplus(logits_f).mean() + F.softplus(-logits_r).mean()
+        L["loss_D"] = loss.detach()
+        if ins is not None:
+            q_r = ins.real(D(aug(real), feat_only=True))
+            f_q = D(aug(img), feat_only=True)
+            q_f = ins.fake(f_q)
+            with torch.no_grad():
+                k_r = ins.real_m(m.D_ema(aug(real), feat_only=True))
+                img_pos, _, _ = run_G(G, z_d + PERTURB_STD * torch.randn_like(z_d), mix=mix, update_w_avg=False)
+                k_f = ins.fake_m(m.D_ema(aug(img_pos), feat_only=True))
+                enq_f = ins.fake_m(f_q.detach())
+            cl_r = infonce(q_r, k_r, ins.real_q.keys.clone())
+            cl_f = infonce(q_f, k_f, ins.fake_q.keys.clone())
+            L["cl_real"], L["cl_fake"] = cl_r.detach(), cl_f.detach()
+            loss = loss + LAMBDA_REAL * cl_r + LAMBDA_FAKE * cl_f
+    loss.backward()
+    step_opt(m.opt_D, D.parameters(), world)
+    if ins is not None:
+        step_opt(m.opt_H, ins.trainable(), world)
+        for p in ins.trainable():
+            p.requires_grad_(False)
+        ins.real_q.push(k_r, world)
+        ins.fake_q.push(enq_f, world)
+
+    # Dr1: R1 = gamma/2 ||grad_x D(aug(x))||^2 w.r.t. the un-augmented reals, every 16 steps, loss x interval.
+    if step % D_REG_EVERY == 0 and args.gamma > 0:
+        m.opt_D.zero_grad(set_to_none=True)
+        x = real.detach().requires_grad_(True)
+        logits, _ = D(aug(x))
+        if m.ada is not None:
+            m.ada.accumulate(logits)
+        grad, = torch.autograd.grad(logits.sum(), x, create_graph=True)
+        r1 = grad.square().sum([1, 2, 3]) * (args.gamma / 2)
+        (logits * 0 + r1).mean().mul(D_REG_EVERY).backward()
+        step_opt(m.opt_D, D.parameters(), world)
+        L["r1"] = r1.mean().detach()
+    D.requires_grad_(False)
+
+    # EMAs (G: StyleGAN2-ADA half-life with ramp-up; D' and momentum heads: 0.999), then ADA every 4 iterations.
+    total = B * world
+    ema_update(m.G_ema, G, stylegan_ema_beta(total, args.ema, step * total, args.rampup))
+    if ins is not None:
+        ema_update(m.D_ema, D, MOMENTUM)
+        ins.momentum_update()
+    if m.ada is not None and (step + 1) % ADA_EVERY == 0:
+        m.ada.update(total, world, progress=(step + 1) / args.iters)
+    if m.ada is not None:
+        L["p"] = m.aug.p
+    return L
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling (eval.py contract)
+# ----------------------------------------------------------------------------------------------------------------
+class Sampler(SamplerBase):
+    def __init__(self, G, device, psi=1.0):
+        self.G, self.device, self.psi, self.res = G.eval(), device, psi, G.res
+
+    def latents(self, n, seed):
+        return torch.randn(n, Z_DIM, generator=torch.Generator().manual_seed(seed)).to(self.device)
+
+    @torch.no_grad()
+    def generate(self, latents):
+        return self.G(latents.to(self.device), psi=self.psi, noise_mode="const").float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def style_mix(self, lat_a, lat_b, coarse=4):
+        """Coarse styles (4x4 and 8x8 layers: the first 4 ws) from lat_a, the rest from lat_b (StyleGAN Fig. 3)."""
+        wa = self.G.mapping(lat_a.to(self.device), self.psi)
+        wb = self.G.mapping(lat_b.to(self.device), self.psi)
+        c = min(coarse, wa.shape[1] - 1)
+        return self.G.synthesis(torch.cat([wa[:, :c], wb[:, c:]], 1), "const").float().clamp(-1, 1)
+
+
+def build_generator(a):
+    return Generator(a["res"], a["cbase"], a["cmax"], a["map"])
+
+
+def load_for_sampling(ckpt, device):
+    check_method(ckpt, "insgen")
+    G = build_generator(ckpt["args"]).to(device)
+    G.load_state_dict(ckpt["G_ema"])
+    return Sampler(G, device, ckpt["args"].get("psi", 1.0))
+
+
+def mix_grid(sampler, n=5, seed=0):
+    """Row 0: [blank, B_1..B_n]; rows i: [A_i, mix(A_i, B_1..B_n)] (coarse from A, the rest from B)."""
+    za, zb = sampler.latents(n, seed), sampler.latents(n, seed + 1)
+    a, b = sampler.generate(za), sampler.generate(zb)
+    rows = [torch.cat([-torch.ones_like(a[:1]), b])]
+    for i in range(n):
+        rows.append(torch.cat([a[i:i + 1], sampler.style_mix(za[i:i + 1].expand(n, -1), zb)]))
+    return torch.cat(rows), n + 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+def state_dict(m, args, step):
+    ck = {"method": "insgen", "args": vars(args), "step": step, "G": m.G.state_dict(), "D": m.D.state_dict(),
+          "G_ema": m.G_ema.state_dict(), "opt_G": m.opt_G.state_dict(), "opt_D": m.opt_D.state_dict(),
+          "pl_mean": m.pl_mean.cpu(), "rng": rng_state()}
+    if m.ada is not None:
+        ck["ada"] = {"p": m.aug.p, "acc": m.ada.acc.cpu(), "rt": m.ada.rt}
+    if m.ins is not None:
+        ck.update(ins=m.ins.state_dict(), D_ema=m.D_ema.state_dict(), opt_H=m.opt_H.state_dict())
+    return ck
+
+
+def load_state(m, ck, path):
+    try:
+        m.G.load_state_dict(ck["G"])
+        m.D.load_state_dict(ck["D"])
+        m.G_ema.load_state_dict(ck["G_ema"])
+        m.opt_G.load_state_dict(ck["opt_G"])
+        m.opt_D.load_state_dict(ck["opt_D"])
+        if m.ins is not None:
+            m.ins.load_state_dict(ck["ins"])
+            m.D_ema.load_state_dict(ck["D_ema"])
+            m.opt_H.load_state_dict(ck["opt_H"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UserError(f"checkpoint {path} does not match this architecture/configuration (res, --cfg, --cbase, "
+                        f"--cmax, --map, --queue, --no-insgen): {str(e).splitlines()[0][:160]}")
+    m.pl_mean.copy_(ck["pl_mean"])
+    if m.ada is not None and "ada" in ck:
+        m.aug.p, m.ada.rt = float(ck["ada"]["p"]), float(ck["ada"]["rt"])
+        m.ada.acc = ck["ada"]["acc"].clone()
+
+
+def bench(args, d, ds):
+    """Seconds per kimg for `args.bench` iterations (after 1 warm-up), with and without InsGen."""
+    res = {}
+    for insgen in (True, False):
+        a = copy.copy(args)
+        a.no_insgen = not insgen
+        m = build(a, d.device, len(ds), d.world)
+        it = infinite_batches(ds, d.per_rank_batch(a.batch), a.seed, 0, not a.no_flip, d.rank, d.world, 0, d.device)
+        train_step(m, a, next(it), 0, d.world)
+        sync = (lambda: torch.cuda.synchronize()) if d.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.time()
+        for s in range(1, a.bench + 1):
+            train_step(m, a, next(it), s, d.world)
+        sync()
+        sec = (time.time() - t0) / a.bench
+        res[insgen] = sec
+        if d.is_main:
+            print(f"bench: {d.device} res {a.res} batch {a.batch} cbase {a.cbase} insgen {'on ' if insgen else 'off'}: "
+                  f"{sec:.3f} s/iter, {sec * 1000 / a.batch:.1f} s/kimg", flush=True)
+    if d.is_main:
+        print(f"bench: InsGen overhead {100 * (res[True] / res[False] - 1):.0f}%", flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    d = Dist(args.device)
+    resolve_cfg(args, d.world)
+    per_rank = d.per_rank_batch(args.batch)
+    if per_rank % min(args.mbstd, per_rank):
+        raise UserError(f"per-process batch {per_rank} is not a multiple of the minibatch-std group --mbstd {args.mbstd}")
+    ds = load_dataset(args.data, args.res, args.data_root, args.crop)
+    if args.bench:
+        return bench(args, d, ds)
+    prepare_run_dir(args, "insgen", d.is_main)
+    m = build(args, d.device, len(ds), d.world)
+    start = 0
+    path = resolve_resume(args)
+    if path:
+        ck = load_checkpoint(path, map_location=d.device)
+        check_method(ck, "insgen", path)
+        load_state(m, ck, path)
+        start = ck["step"]
+        if d.world == 1:
+            set_rng_state(ck["rng"])
+        else:
+            seed_everything(args.seed * d.world + d.rank + 7919 * start)
+    else:
+        seed_everything(args.seed * d.world + d.rank)
+    if d.is_main:
+        K = m.ins.real_q.keys.shape[1] if m.ins is not None else 0
+        print(f"insgen: {len(ds)} images | res {args.res} cfg {args.cfg} batch {args.batch} gamma {args.gamma:g} "
+              f"ema {args.ema:g} kimg map {args.map} mbstd {args.mbstd} | G {sum(p.numel() for p in m.G.parameters()):,}"
+              f" D {sum(p.numel() for p in m.D.parameters()):,} params | aug {args.aug} | "
+              f"insgen {'off' if m.ins is None else f'on (queue {K}, tau {TAU})'} | {d.device} x{d.world}", flush=True)
+    data = infinite_batches(ds, per_rank, args.seed, start, not args.no_flip, d.rank, d.world, args.workers, d.device)
+    sampler = Sampler(m.G_ema, d.device, args.psi)
+    evaluator, best = None, float("inf")
+    if args.eval_every > 0 and d.is_main:
+        from common.metrics import Evaluator
+        evaluator = Evaluator(ds, d.device, n_gen=args.eval_n, inception=args.inception)
+        if not evaluator.available:
+            print(f"metrics off: {evaluator.reason}", flush=True)
+            evaluator = None
+    prog = Progress(args.iters, start, args.log_every, d.is_main, args.out)
+    z_fixed = sampler.latents(64, args.seed + 12345)
+    last = dict(ckpt=os.path.join(args.out, "ckpt", "last.pt"))
+
+    def write_samples(step):
+        save_grid(sampler.generate(z_fixed), os.path.join(args.out, "samples", f"{step:06d}.png"), nrow=8)
+        if args.mix_grid:
+            grid, n = mix_grid(sampler, seed=args.seed)
+            save_grid(grid, os.path.join(args.out, "samples", f"mix_{step:06d}.png"), nrow=n)
+
+    step = start
+    try:
+        while step < args.iters:
+            losses = train_step(m, args, next(data), step, d.world)
+            step += 1
+            if step % args.log_every == 0 or step == args.iters:
+                vals = {k: float(v) for k, v in losses.items()}
+                check_finite(vals, step, args.out)
+                prog(step, **vals)
+            if d.is_main and (step % args.sample_every == 0 or step == args.iters):
+                write_samples(step)
+            if evaluator is not None and step % args.eval_every == 0:
+                r = evaluator(lambda n, seed: sampler.sample(n, seed))
+                log_metrics(args.out, {"iter": step, **r})
+                print(f"eval it {step}: fid {r['fid']:.2f} kid {r['kid']:.4f} ({r['protocol']})", flush=True)
+                if r["fid"] < best:
+                    best = r["fid"]
+                    save_checkpoint(state_dict(m, args, step), os.path.join(args.out, "ckpt", "best.pt"))
+            if d.is_main and (step % args.ckpt_every == 0 or step == args.iters):
+                save_checkpoint(state_dict(m, args, step), last["ckpt"])
+    except KeyboardInterrupt:
+        if d.is_main:
+            save_checkpoint(state_dict(m, args, step), last["ckpt"])
+            print(f"interrupted at iteration {step}: saved {last['ckpt']}", flush=True)
+        d.close()
+        sys.exit(130)
+    d.close()
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main()
