@@ -1,0 +1,664 @@
+"""DISP: Data InStance Prior in GANs (Mangla, Kumari, Singh, Krishnamurthy, Balasubramanian, WACV 2022).
+
+A conditional GAN whose condition is the feature C(x) of a real image under a frozen extractor pretrained on a
+large source domain (ImageNet VGG16 fc7, ResNet50, or SimCLR ResNet50):
+- G: ResNet generator (SNGAN-128 widths), conditional BN fed by [G_emb(C(x)) ; z_k] (BigGAN-style hierarchical z:
+  z is split into one chunk for the 4x4 linear layer and one chunk per block); gain = 1 + Linear, bias = Linear.
+- D: projection discriminator D(x, y) = D_emb(y) . D_f(x) + D_l(D_f(x)) (Miyato & Koyama 2018; paper Alg. 1 l.6).
+- Hinge loss, the fake conditioned on the prior of the SAME real image (Alg. 1): L_D = E[relu(1 - D(x, C(x)))] +
+  E[relu(1 + D(G(z|C(x)), C(x)))], L_G = -E[D(G(z|C(x)), C(x))]; --loss ns|wgan are the Table 10 variants.
+- Spectral norm in G and D, --d-steps D updates per G update, EMA of G (used for samples / FID / eval.py).
+- Priors are computed once for the training set and cached in <out>/priors.pt. --prior none is the paper's baseline:
+  one learned embedding per training image (one-hot "priors" through the same G_emb / D_emb matrices).
+- Options the paper combines with DISP: DiffAugment (--diffaug) + consistency regularisation (--cr), FreezeD
+  (--freeze-d N), TransferGAN-style initialisation from a GAN checkpoint (--init-from).
+- Sampling priors (eval.py --sampler-opt prior_mode=...): mixup (eq. 5, default), gmm (eq. 6), train, image
+  (prior_from=IMAGE: variations of one image / "semantic diffusion").
+
+Few-shot setting of the paper (supplementary): 128 px, batch 25, 4 D steps, lr 2e-4 (G and D), z 120, G_emb -> 128,
+D feature 1024 (ch 64), 30k steps, EMA G, best-FID checkpoint; FreezeD freezes the first 5 D blocks. These are the
+defaults. Resolutions 32, 64, 128, 256. No official code exists; the supplementary is the reference.
+
+Implementation choices and deviations (the paper does not specify these):
+- VGG16 prior = fc7 after ReLU, i.e. torchvision classifier[:5] in eval mode (4096-d); --prior-layer fc6|fc7|logits.
+  ResNet50 / SimCLR prior = 2048-d global-average-pooled features. Images are resized (bilinear, antialias) from the
+  training resolution to --prior-size (224) and normalised with ImageNet mean/std (SimCLR: [0,1], no normalisation).
+  Priors are taken of the unflipped image; a flipped real keeps its image's prior.
+- G_emb and D_emb are bias-free matrices ("learnable projection matrix"); D_emb, like all of D, is spectrally
+  normalised, G_emb is not (BigGAN's shared embedding is not). Orthogonal init (BigGAN).
+- Architectures per resolution: 128 is SNGAN-128 (G 1024,1024,512,256,128,64; D 64,128,256,512,1024,1024); 64 and 256
+  follow BigGAN's width lists; 32 is BigGAN-CIFAR (4*ch everywhere), so its D feature is 4*ch = 256 at ch 64, not the
+  paper's 1024. Global SUM pooling in D. Nearest up-sampling, average-pool down-sampling.
+- Adam betas (0, 0.9) as in SNGAN (BigGAN uses (0, 0.999): --betas 0 0.999). EMA decay 0.9999 from step 1000
+  (BigGAN / DiffAugment-BigGAN); before that the EMA copies G. BN running stats are copied into the EMA generator.
+- Alg. 1 draws a new real batch for each D step; the G step reuses the priors of the last D step's batch.
+- Consistency regularisation: --cr * mean((D(T1(x)) - D(T2(x)))^2) on reals in the D step, T1, T2 two independent
+  DiffAugment draws (T1(x) is the D step's real input).
+- GMM (sklearn GaussianMixture): fitted on at most gmm_max=200000 randomly chosen training priors with
+  min(gmm_k=1000, N // 10) components; gmm_space=prior (default) fits the raw priors with 'diag' covariance (a full
+  4096-d covariance per component does not fit in memory); gmm_space=emb is the paper's eq. 6: a 'full' covariance GMM
+  on G_emb(priors) (128-d), mapped back to prior space with pinv(G_emb) so the Sampler latent stays [z ; prior].
+- The checkpoint stores the training priors the Sampler needs (a seeded random subset of --ckpt-priors rows when the
+  set is larger; eval.py can pass priors=<out>/priors.pt to use all of them).
+- The baseline (--prior none) stores an N x N one-hot prior bank, so it is limited to N <= 20000 images.
+- --init-from (TransferGAN) loads every tensor of G, D (and G_ema) whose name and shape match; the paper fine-tunes
+  an ImageNet SNGAN / BigGAN, whose weights are not available here.
+
+Run:      python disp.py --data path/to/100-shot-images --out runs/disp-anime          (paper few-shot setting)
+          python disp.py --data digits --res 32 --ch 16 --batch 16 --iters 2000 --prior-weights random  (quick, CPU)
+          python disp.py ... --diffaug color,translation,cutout --cr 10                    (DiffAugment + DISP)
+          torchrun --nproc_per_node 4 disp.py ...                                         (multi-GPU)
+Sample:   python disp.py --sample runs/x/ckpt/last.pt --prior-mode gmm --out grids/       (or --prior-from img.png)
+          python eval.py ... --sampler-opt prior_mode=gmm (mixup|gmm|train|image) --sampler-opt prior_from=img.png
+Bench:    python disp.py --data /work/shared/data/pokemon --max-images 100 --res 128 --benchmark 3 --prior-weights random
+          (prints the one-off prior extraction time and seconds/iteration of the few-shot 128 px setting)
+Offline:  pretrained weights cannot be downloaded without internet: pass --prior-weights PATH (a torchvision
+          state_dict, or SimCLR resnet50-1x.pth with a 'state_dict' key). --prior-weights random (random-init
+          extractor) exists for tests and studies only: its priors carry no source-domain knowledge.
+"""
+import argparse
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import spectral_norm
+
+from common.data import batch_indices, infinite_batches, load_dataset, load_image, Dataset, ImageFiles
+from common.diffaug import diff_augment
+from common.ema import ema_update, make_ema
+from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite, check_method,
+                          count_params, load_checkpoint, log_metrics, pick_device, prepare_run_dir, resolve_resume, rng_state,
+                          save_checkpoint, save_grid, seed_everything, set_rng_state, user_errors)
+
+METHOD = "disp"
+G_ARCH = {32: [4, 4, 4, 4], 64: [16, 16, 8, 4, 2], 128: [16, 16, 8, 4, 2, 1], 256: [16, 16, 8, 8, 4, 2, 1]}  # x ch
+D_ARCH = {32: [4, 4, 4, 4], 64: [1, 2, 4, 8, 16], 128: [1, 2, 4, 8, 16, 16], 256: [1, 2, 4, 8, 8, 16, 16]}
+D_DOWN = {32: 2, 64: 4, 128: 5, 256: 6}  # the first D_DOWN[res] D blocks halve the resolution, the rest keep it
+PRIOR_LAYERS = {"vgg16": ["fc7", "fc6", "logits"], "resnet50": ["pool", "logits"], "simclr": ["pool", "logits"]}
+SAMPLER_OPTS = ("prior_mode", "prior_from", "gmm_k", "gmm_space", "gmm_max", "priors", "prior_weights")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p, res=128, batch=25, iters=30000, lr=2e-4, sample_every=1000, ckpt_every=1000)
+    g = p.add_argument_group("algorithm specific")
+    g.add_argument("--prior", choices=["vgg16", "resnet50", "simclr", "none"], default="vgg16",
+                   help="frozen extractor C giving the data instance prior; none = baseline, one learned embedding per image")
+    g.add_argument("--prior-layer", default="auto", help="vgg16: fc7 (default, after ReLU) | fc6 | logits; resnet50/simclr: pool | logits")
+    g.add_argument("--prior-weights", default="default",
+                   help="default (torchvision ImageNet weights via the torch.hub cache) | PATH (local state_dict; needed "
+                        "for simclr) | random (random-init extractor: for tests and studies only)")
+    g.add_argument("--prior-size", type=int, default=224, help="extractor input size (images are resized to it)")
+    g.add_argument("--max-images", type=int, default=0, help="use only the first N training images (0: all); e.g. 100-shot")
+    g.add_argument("--ch", type=int, default=64, help="channel width multiplier of G and D (SNGAN-128: 64)")
+    g.add_argument("--z-dim", type=int, default=120, help="latent z dimension")
+    g.add_argument("--emb-dim", type=int, default=128, help="G_emb output: generator conditional space")
+    g.add_argument("--no-hier-z", action="store_true", help="feed all of z to the 4x4 linear layer (no hierarchical z)")
+    g.add_argument("--d-steps", type=int, default=4, help="D updates per G update")
+    g.add_argument("--loss", choices=["hinge", "ns", "wgan"], default="hinge", help="GAN loss (supp. Table 10)")
+    g.add_argument("--betas", type=float, nargs=2, default=[0.0, 0.9], help="Adam betas (SNGAN 0 0.9; BigGAN 0 0.999)")
+    g.add_argument("--ema-beta", type=float, default=0.9999, help="EMA decay of G")
+    g.add_argument("--ema-start", type=int, default=1000, help="EMA copies G before this iteration")
+    g.add_argument("--diffaug", default="", help="DiffAugment policy for every D input, e.g. color,translation,cutout")
+    g.add_argument("--cr", type=float, default=0.0, help="consistency regularisation weight (paper: 10 with DiffAugment)")
+    g.add_argument("--freeze-d", type=int, default=0, help="FreezeD: freeze the first N D blocks (paper: 5)")
+    g.add_argument("--init-from", default=None, help="TransferGAN: initialise G, D from this GAN checkpoint (matching tensors)")
+    g.add_argument("--ckpt-priors", type=int, default=10000, help="at most this many training priors stored in checkpoints")
+    g.add_argument("--benchmark", type=int, default=0, help="time N iterations after one warm-up, print s/iteration, exit")
+    g.add_argument("--sample", default=None, help="sampling only: write a grid from this checkpoint to --out and exit")
+    g.add_argument("--prior-mode", default="mixup", help="with --sample: mixup | gmm | train | image")
+    g.add_argument("--prior-from", default=None, help="with --sample: variations of this image (prior_mode image)")
+    g.add_argument("--n", type=int, default=36, help="with --sample: number of images")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- priors
+class Extractor(nn.Module):
+    """Frozen C: uint8-range input in [-1, 1] at any resolution -> [N, d] features. Always eval mode, no gradients."""
+
+    def __init__(self, net, size, normalize):
+        super().__init__()
+        self.net, self.size, self.normalize = net.eval().requires_grad_(False), size, normalize
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def train(self, mode=True):  # stays in eval mode (dropout off, BN frozen) whatever the caller does
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x):
+        x = (x.float() + 1) / 2
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        if self.normalize:
+            x = (x - self.mean) / self.std
+        return self.net(x).flatten(1).float()
+
+
+def _state_dict(prior, weights):
+    import torchvision.models as tvm
+    if weights != "default":
+        if not os.path.isfile(weights):
+            raise UserError(f"--prior-weights {weights}: no such file (a torchvision {prior} state_dict)")
+        try:
+            sd = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read --prior-weights {weights} ({type(e).__name__}): is it a PyTorch state_dict?")
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+        return {k.removeprefix("module."): v for k, v in sd.items()}
+    if prior == "simclr":
+        raise UserError("--prior simclr needs --prior-weights PATH: SimCLR v1 ResNet50-1x converted to PyTorch "
+                        "(resnet50-1x.pth, e.g. with github.com/tonylins/simclr-converter)")
+    w = tvm.VGG16_Weights.IMAGENET1K_V1 if prior == "vgg16" else tvm.ResNet50_Weights.IMAGENET1K_V1
+    try:
+        return w.get_state_dict(progress=True)
+    except Exception as e:
+        raise UserError(f"cannot get the ImageNet {prior} weights ({type(e).__name__}: {str(e)[:120]}): offline? download "
+                        f"{w.url} into {os.path.join(torch.hub.get_dir(), 'checkpoints')} or pass --prior-weights PATH "
+                        "(--prior-weights random is for tests/studies only)")
+
+
+def build_extractor(prior, layer="auto", weights="default", size=224):
+    """The frozen feature extractor C. Random init is seeded (0) so a checkpoint can rebuild the same C."""
+    import torchvision.models as tvm
+    layer = PRIOR_LAYERS[prior][0] if layer == "auto" else layer
+    if layer not in PRIOR_LAYERS[prior]:
+        raise UserError(f"--prior-layer {layer} is not available for {prior}: use one of {PRIOR_LAYERS[prior]}")
+    sd = None if weights == "random" else _state_dict(prior, weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = tvm.vgg16() if prior == "vgg16" else tvm.resnet50()
+    if sd is not None:
+        try:
+            net.load_state_dict(sd)
+        except RuntimeError as e:
+            raise UserError(f"--prior-weights {weights} does not fit torchvision's {prior}: {' '.join(str(e).split())[:200]}")
+    if prior == "vgg16":  # classifier = [fc6, ReLU, Dropout, fc7, ReLU, Dropout, fc8]
+        k = {"fc6": 2, "fc7": 5, "logits": 7}[layer]
+        net = nn.Sequential(net.features, net.avgpool, nn.Flatten(1), net.classifier[:k])
+    elif layer == "pool":
+        net.fc = nn.Identity()
+    return Extractor(net, size, normalize=prior != "simclr")
+
+
+def prior_key(args, n):
+    return {"data": str(args.data), "res": args.res, "crop": args.crop, "n": n, "prior": args.prior,
+            "layer": args.prior_layer, "weights": args.prior_weights, "size": args.prior_size}
+
+
+def get_priors(ds, args, device, cache_path):
+    """[N, d] priors C(x) of every training image: loaded from cache_path when its key matches, else computed once."""
+    key = prior_key(args, len(ds))
+    if os.path.isfile(cache_path):
+        c = torch.load(cache_path, map_location="cpu", weights_only=True)
+        if c.get("key") == key:
+            return c["priors"], 0.0
+        print(f"priors: {cache_path} was made with other settings; recomputing", flush=True)
+    if args.prior == "none":  # baseline: one one-hot row per image -> G_emb / D_emb columns are per-image embeddings
+        if len(ds) > 20000:
+            raise UserError(f"--prior none keeps an N x N one-hot bank: {len(ds)} images is too many (use --max-images)")
+        priors, dt = torch.eye(len(ds)), 0.0
+    else:
+        t0 = time.time()
+        C = build_extractor(args.prior, args.prior_layer, args.prior_weights, args.prior_size).to(device)
+        if ds.images is not None:
+            chunks = (ds.images[i:i + 64] for i in range(0, len(ds), 64))
+        else:
+            chunks = torch.utils.data.DataLoader(ds.files, batch_size=64, num_workers=args.workers)
+        priors = torch.cat([C(xb.to(device).float() / 127.5 - 1).cpu() for xb in chunks])
+        dt = time.time() - t0
+        print(f"priors: {args.prior} ({args.prior_layer}, weights {args.prior_weights}) of {len(ds)} images -> {tuple(priors.shape)} in {dt:.1f} s "
+              f"(cached at {cache_path})", flush=True)
+    save_checkpoint({"key": key, "priors": priors}, cache_path)
+    return priors, dt
+
+
+# ----------------------------------------------------------------------------- models
+def sn_conv(cin, cout, k=3):
+    return spectral_norm(nn.Conv2d(cin, cout, k, padding=k // 2))
+
+
+def sn_linear(cin, cout, bias=True):
+    return spectral_norm(nn.Linear(cin, cout, bias=bias))
+
+
+class CBN(nn.Module):
+    """BigGAN conditional BN: BN(x) * (1 + W_g y) + W_b y, BN without affine parameters."""
+
+    def __init__(self, c, cond_dim):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c, affine=False)
+        self.gain, self.bias = sn_linear(cond_dim, c, bias=False), sn_linear(cond_dim, c, bias=False)
+
+    def forward(self, x, y):
+        return self.bn(x) * (1 + self.gain(y))[:, :, None, None] + self.bias(y)[:, :, None, None]
+
+
+class GBlock(nn.Module):  # CBN-ReLU-up-conv3-CBN-ReLU-conv3, shortcut up-conv1
+    def __init__(self, cin, cout, cond_dim):
+        super().__init__()
+        self.bn1, self.conv1 = CBN(cin, cond_dim), sn_conv(cin, cout)
+        self.bn2, self.conv2 = CBN(cout, cond_dim), sn_conv(cout, cout)
+        self.sc = sn_conv(cin, cout, 1)
+
+    def forward(self, x, y):
+        h = F.interpolate(F.relu(self.bn1(x, y)), scale_factor=2)
+        h = self.conv2(F.relu(self.bn2(self.conv1(h), y)))
+        return h + self.sc(F.interpolate(x, scale_factor=2))
+
+
+class Generator(nn.Module):
+    """x = G(z | prior): CBN inputs [G_emb(prior) ; z_k] per block (hierarchical z) or G_emb(prior) (--no-hier-z)."""
+
+    def __init__(self, res, ch, z_dim, prior_dim, emb_dim=128, hier=True):
+        super().__init__()
+        widths = [m * ch for m in G_ARCH[res]]
+        n = len(widths) - 1
+        slots = n + 1 if hier else 1
+        self.z_sizes = [z_dim - (slots - 1) * (z_dim // slots)] + [z_dim // slots] * (slots - 1)  # rest -> 4x4 slot
+        self.hier, self.c0 = hier, widths[0]
+        self.emb = nn.Linear(prior_dim, emb_dim, bias=False)  # G_emb
+        self.linear = sn_linear(self.z_sizes[0], widths[0] * 16)
+        cond = emb_dim + (self.z_sizes[1] if hier else 0)
+        self.blocks = nn.ModuleList(GBlock(widths[i], widths[i + 1], cond) for i in range(n))
+        self.out = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(), sn_conv(widths[-1], 3), nn.Tanh())
+        init_weights(self)
+
+    def conds(self, z, prior):
+        e = self.emb(prior)
+        if not self.hier:
+            return z, [e] * len(self.blocks)
+        zs = torch.split(z, self.z_sizes, 1)
+        return zs[0], [torch.cat([e, zk], 1) for zk in zs[1:]]
+
+    def synth(self, z0, ys):
+        h = self.linear(z0).view(z0.shape[0], self.c0, 4, 4)
+        for blk, y in zip(self.blocks, ys):
+            h = blk(h, y)
+        return self.out(h)
+
+    def forward(self, z, prior):
+        return self.synth(*self.conds(z, prior))
+
+
+class DBlock(nn.Module):  # (ReLU)-conv3-ReLU-conv3-(avgpool), shortcut conv1-(avgpool); optimized: first block
+    def __init__(self, cin, cout, down, first=False):
+        super().__init__()
+        self.conv1, self.conv2, self.down, self.first = sn_conv(cin, cout), sn_conv(cout, cout), down, first
+        self.sc = sn_conv(cin, cout, 1) if (cin != cout or down) else None
+
+    def forward(self, x):
+        h = self.conv2(F.relu(self.conv1(x if self.first else F.relu(x))))
+        s = x
+        if self.first:  # SNGAN OptimizedBlock: avgpool then conv1 on the shortcut
+            s = F.avg_pool2d(s, 2) if self.down else s
+            return (F.avg_pool2d(h, 2) if self.down else h) + self.sc(s)
+        s = self.sc(s) if self.sc is not None else s
+        if self.down:
+            h, s = F.avg_pool2d(h, 2), F.avg_pool2d(s, 2)
+        return h + s
+
+
+class Discriminator(nn.Module):
+    """Projection D(x, y) = D_emb(y) . D_f(x) + D_l(D_f(x)); D_f = blocks, ReLU, global sum pool."""
+
+    def __init__(self, res, ch, prior_dim):
+        super().__init__()
+        widths = [3] + [m * ch for m in D_ARCH[res]]
+        self.blocks = nn.ModuleList(DBlock(widths[i], widths[i + 1], i < D_DOWN[res], first=i == 0)
+                                    for i in range(len(widths) - 1))
+        self.feat_dim = widths[-1]
+        self.l = sn_linear(widths[-1], 1)  # D_l
+        self.emb = sn_linear(prior_dim, widths[-1], bias=False)  # D_emb
+        init_weights(self)
+
+    def features(self, x):  # D_f
+        for b in self.blocks:
+            x = b(x)
+        return F.relu(x).sum(dim=(2, 3))
+
+    def forward(self, x, prior):
+        f = self.features(x)
+        return (self.emb(prior) * f).sum(1) + self.l(f).squeeze(1)
+
+
+def init_weights(m):
+    for mod in m.modules():
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            w = mod.parametrizations.weight.original if hasattr(mod, "parametrizations") else mod.weight
+            nn.init.orthogonal_(w.data.view(w.shape[0], -1))
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+
+
+def build_models(args, prior_dim):
+    if args.res not in G_ARCH:
+        raise UserError(f"--res {args.res} is not supported by disp.py: use one of {sorted(G_ARCH)}")
+    G = Generator(args.res, args.ch, args.z_dim, prior_dim, args.emb_dim, hier=not args.no_hier_z)
+    D = Discriminator(args.res, args.ch, prior_dim)
+    return G, D
+
+
+# ----------------------------------------------------------------------------- losses
+def d_loss(real, fake, kind="hinge"):
+    if kind == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    if kind == "ns":
+        return F.softplus(-real).mean() + F.softplus(fake).mean()
+    return fake.mean() - real.mean()
+
+
+def g_loss(fake, kind="hinge"):
+    return F.softplus(-fake).mean() if kind == "ns" else -fake.mean()
+
+
+# ----------------------------------------------------------------------------- sampling
+def mixup_priors(priors, n, gen):
+    """Vicinal mixup (eq. 5): lam * p_i + (1 - lam) * p_j, lam ~ U[0,1], i, j uniform."""
+    i, j = torch.randint(len(priors), (2, n), generator=gen)
+    lam = torch.rand(n, 1, generator=gen)
+    return lam * priors[i] + (1 - lam) * priors[j]
+
+
+class PriorGMM:
+    """sklearn GaussianMixture on (a subset of) the priors; sampled with a torch Generator (deterministic in seed)."""
+
+    def __init__(self, priors, k=1000, space="prior", max_n=200000, emb=None, seed=0):
+        from sklearn.mixture import GaussianMixture
+        x = priors.double()
+        if len(x) > max_n:
+            x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_n]]
+        self.back = None
+        if space == "emb":  # eq. 6: fit on G_emb(priors); map samples back with pinv(G_emb)
+            W = emb.double().cpu()
+            x, self.back = x @ W.t(), torch.linalg.pinv(W).t()
+        elif space != "prior":
+            raise UserError(f"gmm_space={space}: use prior or emb")
+        self.cov = "full" if space == "emb" else "diag"
+        k = max(1, min(int(k), len(x) // 10))
+        gm = GaussianMixture(k, covariance_type=self.cov, random_state=seed, reg_covar=1e-4, max_iter=100).fit(x.numpy())
+        self.w, self.mu = torch.from_numpy(gm.weights_), torch.from_numpy(gm.means_)
+        cov = torch.from_numpy(gm.covariances_)
+        self.scale = cov.sqrt() if self.cov == "diag" else torch.linalg.cholesky(cov)
+        self.k = k
+
+    def sample(self, n, gen):
+        c = torch.multinomial(self.w, n, replacement=True, generator=gen)
+        eps = torch.randn(n, self.mu.shape[1], generator=gen, dtype=torch.float64)
+        x = self.mu[c] + (self.scale[c] * eps if self.cov == "diag" else (self.scale[c] @ eps[:, :, None])[:, :, 0])
+        return (x @ self.back if self.back is not None else x).float()
+
+
+class Sampler(SamplerBase):
+    """eval.py contract. latents = [z ; prior] ([n, z_dim + prior_dim]); the prior part is drawn by `prior_mode`
+    (settable attribute): mixup (default) | gmm | train | image (needs prior_from)."""
+
+    def __init__(self, G, priors, a, device, prior_mode="mixup", prior_from=None, gmm_k=1000, gmm_space="prior",
+                 gmm_max=200000, prior_weights=None):
+        self.G, self.priors, self.a, self.device, self.res = G, priors.float().cpu(), a, device, a.res
+        self.prior_mode = "image" if prior_from and prior_mode == "mixup" else prior_mode
+        self.prior_from, self.prior_weights = prior_from, prior_weights or a.prior_weights
+        self.gmm_k, self.gmm_space, self.gmm_max, self._gmm, self._img = int(gmm_k), gmm_space, int(gmm_max), None, None
+
+    def gmm(self):
+        if self._gmm is None:
+            self._gmm = PriorGMM(self.priors, self.gmm_k, self.gmm_space, self.gmm_max, self.G.emb.weight.detach())
+        return self._gmm
+
+    def image_prior(self):
+        if self._img is None:
+            if not self.prior_from or self.a.prior == "none":
+                raise UserError("prior_mode=image needs prior_from=IMAGE and a model trained with a prior (not --prior none)")
+            try:
+                x = load_image(self.prior_from, self.a.res, self.a.crop)[None]
+            except (OSError, ValueError) as e:
+                raise UserError(f"prior_from={self.prior_from}: cannot read the image ({type(e).__name__})")
+            C = build_extractor(self.a.prior, self.a.prior_layer, self.prior_weights, self.a.prior_size)
+            self._img = C(x.float() / 127.5 - 1)
+        return self._img
+
+    def sample_priors(self, n, gen):
+        m = self.prior_mode
+        if m == "mixup":
+            return mixup_priors(self.priors, n, gen)
+        if m == "train":
+            return self.priors[torch.randint(len(self.priors), (n,), generator=gen)]
+        if m == "gmm":
+            return self.gmm().sample(n, gen)
+        if m == "image":
+            return self.image_prior().expand(n, -1)
+        raise UserError(f"prior_mode={m}: use mixup, gmm, train or image")
+
+    def latents(self, n, seed):
+        gen = torch.Generator().manual_seed(int(seed))
+        z = torch.randn(n, self.a.z_dim, generator=gen)
+        return torch.cat([z, self.sample_priors(n, gen)], 1).to(self.device)
+
+    @torch.no_grad()
+    def generate(self, latents):
+        z, p = latents[:, :self.a.z_dim], latents[:, self.a.z_dim:]
+        return self.G(z.to(self.device), p.to(self.device)).float()
+
+    @torch.no_grad()
+    def style_mix(self, lat_a, lat_b):
+        """Coarse blocks (first half) conditioned on a's [G_emb(prior) ; z_k], the finer ones on b's."""
+        d = self.a.z_dim
+        z0, ya = self.G.conds(lat_a[:, :d], lat_a[:, d:])
+        _, yb = self.G.conds(lat_b[:, :d], lat_b[:, d:])
+        k = len(ya) // 2
+        return self.G.synth(z0, ya[:k] + yb[k:]).float()
+
+
+def load_for_sampling(ckpt, device, **opts):
+    """Rebuild the EMA generator; opts (eval.py --sampler-opt key=value): prior_mode, prior_from, gmm_k, gmm_space,
+    gmm_max, priors (path of a priors.pt cache to use instead of the checkpoint's), prior_weights (extractor path)."""
+    bad = set(opts) - set(SAMPLER_OPTS)
+    if bad:
+        raise UserError(f"unknown sampler option(s) {sorted(bad)}: disp accepts {', '.join(SAMPLER_OPTS)}")
+    check_method(ckpt, METHOD)
+    a = SimpleNamespace(**ckpt["args"])
+    G, _ = build_models(a, ckpt["prior_dim"])
+    G.load_state_dict(ckpt["G_ema"])
+    path = opts.pop("priors", None)
+    priors = load_checkpoint(path)["priors"] if path else ckpt["priors"]
+    return Sampler(G.to(device).eval(), priors, a, device, **opts)
+
+
+# ----------------------------------------------------------------------------- training
+def transfer_init(path, G, D, G_ema):
+    """TransferGAN: copy every tensor whose name and shape match (the prior embeddings usually do not)."""
+    src = load_checkpoint(path)
+    if not isinstance(src, dict) or "G" not in src or "D" not in src:
+        raise UserError(f"--init-from {path}: not a GAN checkpoint with 'G' and 'D' entries")
+    report = []
+    for name, net, sd in (("G", G, src["G"]), ("D", D, src["D"]), ("G_ema", G_ema, src.get("G_ema", src["G"]))):
+        own = net.state_dict()
+        ok = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+        if len(ok) < len(own) // 2:
+            raise UserError(f"--init-from {path}: only {len(ok)}/{len(own)} {name} tensors match this architecture "
+                            "(same --res and --ch needed)")
+        net.load_state_dict(ok, strict=False)
+        report.append(f"{name} {len(ok)}/{len(own)}")
+    print("init-from:", ", ".join(report), "tensors loaded", flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with user_errors():
+        if args.sample:
+            return sample_only(args)
+        train(args)
+
+
+def sample_only(args):
+    dev = pick_device(args.device)
+    s = load_for_sampling(load_checkpoint(args.sample), dev, prior_mode=args.prior_mode, prior_from=args.prior_from)
+    out = os.path.join(args.out or ".", f"samples_{s.prior_mode}.png")
+    save_grid(s.sample(args.n, args.seed), out)
+    print("wrote", out)
+
+
+def train(args):
+    dist_ = Dist(args.device)
+    dev, is_main = dist_.device, dist_.is_main
+    B = dist_.per_rank_batch(args.batch)
+    if args.res not in G_ARCH:
+        raise UserError(f"--res {args.res} is not supported by disp.py: use one of {sorted(G_ARCH)}")
+    if args.diffaug:
+        try:
+            diff_augment(torch.zeros(1, 3, 8, 8), args.diffaug)  # unknown op -> error now, not at iteration 1
+        except ValueError as e:
+            raise UserError(f"--diffaug {args.diffaug}: {e}")
+    if args.prior != "none" and args.prior_layer not in ["auto"] + PRIOR_LAYERS[args.prior]:
+        raise UserError(f"--prior-layer {args.prior_layer} is not available for {args.prior}: {PRIOR_LAYERS[args.prior]}")
+    if args.freeze_d < 0 or args.freeze_d >= len(D_ARCH.get(args.res, [])):
+        raise UserError(f"--freeze-d {args.freeze_d}: must be in [0, number of D blocks - 1]")
+    prepare_run_dir(args, METHOD, is_main)
+    if dist_.world > 1:  # every rank must use rank 0's run directory
+        box = [args.out]
+        torch.distributed.broadcast_object_list(box, 0)
+        args.out = box[0]
+    seed_everything(args.seed + dist_.rank)
+    ds = load_dataset(args.data, args.res, args.data_root, args.crop)
+    if args.max_images and args.max_images < len(ds):
+        ds = (Dataset(ds.name, ds.res, images=ds.images[:args.max_images]) if ds.images is not None else
+              Dataset(ds.name, ds.res, files=ImageFiles(ds.files.paths[:args.max_images], ds.res, args.crop)))
+    N, cache = len(ds), os.path.join(args.out, "priors.pt")
+    if is_main:
+        priors, t_prior = get_priors(ds, args, dev, cache)
+    dist_.barrier()
+    if not is_main:
+        priors, t_prior = get_priors(ds, args, dev, cache)
+    prior_dim = priors.shape[1]
+    priors_dev = priors.to(dev)
+
+    G, D = build_models(args, prior_dim)
+    G, D = G.to(dev), D.to(dev)
+    for blk in D.blocks[:args.freeze_d]:  # FreezeD
+        blk.requires_grad_(False)
+    d_params = [p for p in D.parameters() if p.requires_grad]
+    G_ema = make_ema(G)
+    opt_G = torch.optim.Adam(G.parameters(), args.lr, betas=tuple(args.betas))
+    opt_D = torch.optim.Adam(d_params, args.lr, betas=tuple(args.betas))
+    start, best_fid = 0, float("inf")
+    gen = torch.Generator().manual_seed(1234)  # fixed sample latents: mixup of training priors
+    fixed = torch.cat([torch.randn(36, args.z_dim, generator=gen), mixup_priors(priors, 36, gen)], 1).to(dev)
+    ckpt_priors = priors
+    if N > args.ckpt_priors:
+        ckpt_priors = priors[torch.randperm(N, generator=torch.Generator().manual_seed(args.seed))[:args.ckpt_priors]]
+
+    path = resolve_resume(args)
+    if path:
+        ck = load_checkpoint(path)
+        check_method(ck, METHOD, path)
+        try:
+            G.load_state_dict(ck["G"]), D.load_state_dict(ck["D"]), G_ema.load_state_dict(ck["G_ema"])
+            opt_G.load_state_dict(ck["opt_G"]), opt_D.load_state_dict(ck["opt_D"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"checkpoint {path} does not match these flags (--res/--ch/--prior/--max-images/--freeze-d?): "
+                            f"{str(e).splitlines()[0][:150]}")
+        start, best_fid = ck["step"], ck.get("best_fid", best_fid)
+        set_rng_state(ck["rng"])
+        if is_main:
+            print(f"resumed from {path} at iteration {start}", flush=True)
+    elif args.init_from:
+        transfer_init(args.init_from, G, D, G_ema)
+
+    G_raw, D_raw = G, D
+    if dist_.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [dev.index] if dev.type == "cuda" else None
+        G, D = DDP(G, device_ids=ids), DDP(D, device_ids=ids)
+
+    def ckpt_dict(step):
+        return {"method": METHOD, "args": vars(args), "step": step, "G": G_raw.state_dict(), "D": D_raw.state_dict(),
+                "G_ema": G_ema.state_dict(), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
+                "rng": rng_state(), "best_fid": best_fid, "prior_dim": prior_dim, "priors": ckpt_priors}
+
+    if is_main and not args.benchmark:
+        print(f"disp | {args.data} ({N} images) {args.res}px | prior {args.prior} {tuple(priors.shape)} | "
+              f"G {count_params(G_raw) / 1e6:.2f}M D {count_params(D_raw) / 1e6:.2f}M params | D feature "
+              f"{D_raw.feat_dim} | batch {args.batch} d_steps {args.d_steps} | betas {tuple(args.betas)}", flush=True)
+    ev = None
+    if args.eval_every > 0 and is_main:
+        from common.metrics import Evaluator
+        ev = Evaluator(ds, dev, n_gen=args.eval_n, inception=args.inception)
+        if not ev.available:
+            print(f"metrics off: {ev.reason}", flush=True)
+            ev = None
+
+    aug = (lambda x: diff_augment(x, args.diffaug)) if args.diffaug else (lambda x: x)
+    batches = infinite_batches(ds, B, args.seed, start * args.d_steps, not args.no_flip, dist_.rank, dist_.world,
+                               args.workers, dev)
+    prog = Progress(args.iters, start, args.log_every, is_main and not args.benchmark, args.out)
+    amp = args.amp
+    step, t_bench = start, None
+    try:
+        for it in range(start, args.iters):
+            if args.benchmark and it == start + 1:
+                t_bench = time.time()
+            for t in range(args.d_steps):  # Alg. 1 lines 3-10
+                x = next(batches)
+                idx = batch_indices(N, B, args.seed, it * args.d_steps + t, dist_.rank, dist_.world)
+                p = priors_dev[idx.to(dev)]
+                with torch.no_grad(), autocast(dev, amp):
+                    xf = G_raw(torch.randn(B, args.z_dim, device=dev), p)  # fake conditioned on the same C(x)
+                with autocast(dev, amp):
+                    ins = [aug(x), aug(xf)] + ([aug(x)] if args.cr > 0 else [])
+                    out = D(torch.cat(ins), p.repeat(len(ins), 1)).float()
+                    loss_d = d_loss(out[:B], out[B:2 * B], args.loss)
+                    if args.cr > 0:
+                        loss_d = loss_d + args.cr * (out[:B] - out[2 * B:]).pow(2).mean()
+                opt_D.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_D.step()
+            for q in d_params:  # G step (lines 11-15); raw D: no gradient sync, no D gradients
+                q.requires_grad_(False)
+            with autocast(dev, amp):
+                loss_g = g_loss(D_raw(aug(G(torch.randn(B, args.z_dim, device=dev), p)), p).float(), args.loss)
+            opt_G.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_G.step()
+            for q in d_params:
+                q.requires_grad_(True)
+            ema_update(G_ema, G_raw, args.ema_beta if it >= args.ema_start else 0.0, copy_buffers=True)
+            step = it + 1
+            if args.benchmark and step == start + 1 + args.benchmark:
+                dt = (time.time() - t_bench) / args.benchmark
+                print(f"benchmark: {dt:.3f} s/iteration ({args.res}px, batch {args.batch}, {args.d_steps} D steps, "
+                      f"ch {args.ch}, amp {args.amp}, {dev}); prior extraction {t_prior:.1f} s for {N} images "
+                      f"({args.prior} at {args.prior_size}px)", flush=True)
+                break
+            if step % args.log_every == 0 or step == args.iters:
+                check_finite({"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}, step, args.out)
+            prog(step, loss_d=loss_d.detach(), loss_g=loss_g.detach())
+            if not is_main or args.benchmark:
+                continue
+            if step % args.sample_every == 0 or step == args.iters:
+                with torch.no_grad():
+                    save_grid(Sampler(G_ema, priors, args, dev).generate(fixed), os.path.join(args.out, "samples", f"{step:06d}.png"))
+            if ev is not None and (step % args.eval_every == 0 or step == args.iters):
+                s = Sampler(G_ema, priors, args, dev)
+                r = ev(lambda n, seed: s.sample(n, seed))
+                log_metrics(args.out, {"iter": step, **r})
+                print(f"it {step} | fid {r['fid']:.2f} kid {r['kid']:.4f} ({r['protocol']})", flush=True)
+                if r["fid"] < best_fid:
+                    best_fid = r["fid"]
+                    save_checkpoint(ckpt_dict(step), os.path.join(args.out, "ckpt", "best.pt"))
+            if step % args.ckpt_every == 0 or step == args.iters:
+                save_checkpoint(ckpt_dict(step), os.path.join(args.out, "ckpt", "last.pt"))
+    except KeyboardInterrupt:
+        if is_main:
+            save_checkpoint(ckpt_dict(step), os.path.join(args.out, "ckpt", "last.pt"))
+            print(f"interrupted: saved {args.out}/ckpt/last.pt at iteration {step}", flush=True)
+        dist_.close()
+        sys.exit(130)
+    dist_.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""Tests of disp.py (DISP, Mangla et al. WACV 2022). CPU only; random-init extractors through the real code path."""
+import json
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import disp
+from common.data import Dataset, load_dataset
+from common.utils import UserError, load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--data", "digits", "--res", "32", "--ch", "4", "--batch", "8", "--d-steps", "2", "--prior-weights", "random",
+         "--prior-size", "32", "--max-images", "64", "--log-every", "1", "--sample-every", "1000"]
+
+
+def run(args, out, timeout=120, ok=True):
+    r = subprocess.run([sys.executable, "disp.py", *args, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)
+    if ok:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if '"loss_d"' in line]
+
+
+def prior_args(**kw):
+    a = dict(data="digits", res=32, crop="squash", prior="vgg16", prior_layer="auto", prior_weights="random",
+             prior_size=32, workers=0)
+    a.update(kw)
+    return SimpleNamespace(**a)
+
+
+def converge_sn(*mods, n=50):
+    """Run enough power iterations (train mode) that the spectral norms are exact."""
+    for m in mods:
+        m.train()
+        for _ in range(n):
+            m.weight
+        m.eval()
+
+
+# ----------------------------------------------------------------------------- hand-computed cases
+def test_projection_discriminator_hand_computed():
+    """D(x, y) = D_emb(y) . D_f(x) + D_l(D_f(x)) with spectrally normalised D_emb, D_l (Alg. 1 line 6)."""
+    D = disp.Discriminator(32, 1, prior_dim=2)  # feature dim 4 * ch = 4
+    assert D.feat_dim == 4
+    with torch.no_grad():
+        D.emb.parametrizations.weight.original.copy_(torch.tensor([[3., 0], [0, 1], [0, 0], [0, 0]]))  # sigma 3
+        D.l.parametrizations.weight.original.copy_(torch.tensor([[0., 0, 4, 3]]))  # sigma 5
+        D.l.bias.fill_(0.5)
+    converge_sn(D.emb, D.l)
+    D.features = lambda x: torch.tensor([[1., 2, 3, 4], [0, 0, 1, 0]])  # D_f(x) of a batch of 2
+    y = torch.tensor([[6., 3], [1, 1]])
+    # W_emb / sigma = [[1, 0], [0, 1/3], [0, 0], [0, 0]]; w_l / sigma = [0, 0, 0.8, 0.6]
+    # sample 0: D_emb(y) = [6, 1, 0, 0];
+    #           projection 6*1 + 1*2 = 8; D_l = 0.8*3 + 0.6*4 + 0.5 = 5.3 -> 13.3
+    # sample 1: D_emb(y) = [1, 1/3, 0, 0] . [0, 0, 1, 0] = 0; D_l = 0.8*1 + 0.5 = 1.3
+    out = D(torch.zeros(2, 3, 32, 32), y)
+    assert torch.allclose(out, torch.tensor([13.3, 1.3]), atol=1e-4), out
+
+
+def test_conditional_bn_hand_computed():
+    """BigGAN CBN: BN(x) * (1 + W_g y) + W_b y, BN without its own affine parameters, batch statistics in training."""
+    cbn = disp.CBN(2, cond_dim=1).train()
+    assert not cbn.bn.affine
+    with torch.no_grad():
+        cbn.gain.parametrizations.weight.original.copy_(torch.tensor([[3.], [4.]]))  # sigma 5 -> [0.6, 0.8]
+        cbn.bias.parametrizations.weight.original.copy_(torch.tensor([[0.], [2.]]))  # sigma 2 -> [0, 1]
+    converge_sn(cbn.gain, cbn.bias)
+    cbn.train()
+    x = torch.tensor([[[[1., 3.]], [[0., 0.]]], [[[5., 7.]], [[2., 2.]]]])  # [2, 2, 1, 2]
+    y = torch.tensor([[1.], [2.]])
+    out = cbn(x, y)
+    r5 = 5 ** 0.5  # channel 0: mean 4, var 5 -> [-3, -1, 1, 3] / sqrt 5; channel 1: mean 1, var 1 -> [-1, -1, 1, 1]
+    want = torch.tensor([[[[-3 / r5 * 1.6, -1 / r5 * 1.6]], [[-1 * 1.8 + 1, -1 * 1.8 + 1]]],
+                         [[[1 / r5 * 2.2, 3 / r5 * 2.2]], [[1 * 2.6 + 2, 1 * 2.6 + 2]]]])
+    assert torch.allclose(out, want, atol=1e-4), (out, want)
+
+
+def test_generator_hierarchical_z_and_shapes():
+    G = disp.Generator(32, 2, z_dim=120, prior_dim=10, emb_dim=16)
+    assert G.z_sizes == [30, 30, 30, 30] and sum(G.z_sizes) == 120
+    z, p = torch.randn(3, 120), torch.randn(3, 10)
+    z0, ys = G.conds(z, p)
+    assert z0.shape == (3, 30) and len(ys) == 3 and all(y.shape == (3, 16 + 30) for y in ys)
+    assert torch.equal(ys[1][:, :16], G.emb(p)) and torch.equal(ys[1][:, 16:], z[:, 60:90])
+    assert G(z, p).shape == (3, 3, 32, 32)
+    G7 = disp.Generator(256, 1, z_dim=120, prior_dim=10)  # 7 slots: 120 = 18 + 6 * 17
+    assert G7.z_sizes == [18] + [17] * 6
+    # the paper's few-shot networks at ch 64: SNGAN-128 widths, D feature 1024 (built here at ch 2 to stay fast)
+    assert [m * 64 for m in disp.G_ARCH[128]] == [1024, 1024, 512, 256, 128, 64]
+    assert [m * 64 for m in disp.D_ARCH[128]] == [64, 128, 256, 512, 1024, 1024]
+    for res in (32, 64, 128, 256):
+        D = disp.Discriminator(res, 2, prior_dim=7)
+        f = D.features(torch.zeros(1, 3, res, res))
+        assert f.shape == (1, D.feat_dim) and D.emb.weight.shape == (D.feat_dim, 7)
+        assert D(torch.zeros(2, 3, res, res), torch.ones(2, 7)).shape == (2,)
+        assert disp.Generator(res, 1, 120, 7, 8)(torch.randn(2, 120), torch.ones(2, 7)).shape == (2, 3, res, res)
+    assert disp.Discriminator(128, 2, 7).feat_dim == 16 * 2
+
+
+# ----------------------------------------------------------------------------- priors
+@pytest.fixture(scope="module")
+def small_ds():
+    ds = load_dataset("digits", 32)
+    return Dataset("digits", 32, images=ds.images[:12])
+
+
+def test_prior_cache_written_once_and_extractor_frozen(tmp_path, monkeypatch, small_ds):
+    calls, seen = [], []
+
+    def spy(*a, **k):
+        C = real_build(*a, **k)
+        calls.append(1)
+        C.train()  # must stay in eval mode anyway
+        C.net.register_forward_hook(lambda m, i, o: seen.append(
+            (any(mod.training for mod in m.modules()), torch.is_grad_enabled(), o.requires_grad)))
+        return C
+
+    real_build = disp.build_extractor
+    monkeypatch.setattr(disp, "build_extractor", spy)
+    cache = str(tmp_path / "priors.pt")
+    p1, _ = disp.get_priors(small_ds, prior_args(), "cpu", cache)
+    mtime = os.path.getmtime(cache)
+    p2, _ = disp.get_priors(small_ds, prior_args(), "cpu", cache)
+    assert len(calls) == 1 and os.path.getmtime(cache) == mtime  # second call reads the cache
+    assert torch.equal(p1, p2) and p1.shape == (12, 4096) and not p1.requires_grad
+    assert seen and all(s == (False, False, False) for s in seen)  # eval mode, no grad
+    assert (p1 >= 0).all() and p1.std() > 0  # fc7 after ReLU
+    disp.get_priors(small_ds, prior_args(prior_size=40), "cpu", cache)  # other settings -> recomputed
+    assert len(calls) == 2
+    # same C rebuilt from the flags (what load_for_sampling does for prior_from): identical priors
+    C = real_build("vgg16", "auto", "random", 32)
+    assert torch.allclose(C(small_ds.images[:4].float() / 127.5 - 1), p1[:4], atol=1e-5)
+
+
+def test_baseline_one_embedding_per_image(tmp_path, small_ds):
+    p, _ = disp.get_priors(small_ds, prior_args(prior="none"), "cpu", str(tmp_path / "priors.pt"))
+    assert torch.equal(p, torch.eye(12))
+    G, D = disp.build_models(SimpleNamespace(res=32, ch=2, z_dim=120, emb_dim=128, no_hier_z=False), p.shape[1])
+    E_g, E_d = G.emb.weight.t(), D.emb.weight.t()
+    assert E_g.shape == (12, 128) and E_d.shape == (12, D.feat_dim)  # one row per training image
+    assert torch.allclose(G.emb(p[5:6]), E_g[5:6])
+
+
+def test_extractor_errors_are_one_clear_line(monkeypatch, tmp_path):
+    import torchvision.models as tvm
+
+    def offline(*a, **k):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(tvm.ResNet50_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
+    with pytest.raises(UserError, match="offline.*--prior-weights PATH"):
+        disp.build_extractor("resnet50", "pool", "default")
+    with pytest.raises(UserError, match="simclr needs --prior-weights PATH"):
+        disp.build_extractor("simclr", "auto", "default")
+    with pytest.raises(UserError, match="no such file"):
+        disp.build_extractor("vgg16", "auto", str(tmp_path / "missing.pth"))
+    bad = tmp_path / "bad.pth"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}}, bad)
+    with pytest.raises(UserError, match="does not fit"):
+        disp.build_extractor("simclr", "pool", str(bad))
+    with pytest.raises(UserError, match="not available"):
+        disp.build_extractor("vgg16", "pool", "random")
+
+
+# ----------------------------------------------------------------------------- sampling priors
+def seg_dist(points, priors):
+    """Distance of each point to the nearest segment [p_i, p_j]."""
+    a, b = priors[:, None], priors[None]  # [n,1,d], [1,n,d]
+    ab = b - a
+    best = torch.full((len(points),), float("inf"))
+    for k, x in enumerate(points):
+        t = (((x - a) * ab).sum(-1) / ab.pow(2).sum(-1).clamp_min(1e-12)).clamp(0, 1)
+        best[k] = (a + t[..., None] * ab - x).norm(dim=-1).min()
+    return best
+
+
+def test_mixup_samples_lie_on_segments_between_priors():
+    gen = torch.Generator().manual_seed(0)
+    priors = torch.randn(10, 6, generator=gen).double()
+    s = disp.Sampler(None, priors, SimpleNamespace(res=32, z_dim=5, prior_weights="random"), "cpu")
+    lat = s.latents(200, seed=3)
+    assert lat.shape == (200, 5 + 6) and torch.equal(lat, s.latents(200, seed=3))
+    d = seg_dist(lat[:, 5:].double(), priors)
+    assert d.max() < 1e-5
+    assert seg_dist(torch.randn(50, 6, generator=gen).double(), priors).min() > 1e-2  # the check can fail
+    near = torch.cdist(lat[:, 5:].double(), priors).min(1).values  # mostly between priors, not on them
+    assert (near > 0.1).float().mean() > 0.8
+    s.prior_mode = "train"
+    p = s.latents(20, 0)[:, 5:]
+    assert all(any(torch.allclose(q, r.float()) for r in priors) for q in p)
+
+
+def test_gmm_sampler_shape_and_speed():
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 4096, generator=gen).relu() * 3
+    priors = centers[torch.randint(3, (300,), generator=gen)] + 0.1 * torch.randn(300, 4096, generator=gen)
+    t0 = time.time()
+    gm = disp.PriorGMM(priors, k=1000)  # -> min(1000, 300 // 10) = 30 diagonal components
+    assert time.time() - t0 < 20 and gm.k == 30 and gm.cov == "diag"
+    x = gm.sample(64, torch.Generator().manual_seed(1))
+    assert x.shape == (64, 4096) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert torch.equal(x, gm.sample(64, torch.Generator().manual_seed(1)))
+    # samples sit near the clusters: nearest-centre distance ~ sqrt(4096) * 0.1 = 6.4, centres are ~ 100 apart
+    assert torch.cdist(x, centers).min(1).values.max() < 15
+    W = torch.randn(16, 4096, generator=gen) / 64  # eq. 6: GMM on G_emb(priors), mapped back with pinv
+    ge = disp.PriorGMM(priors, k=5, space="emb", emb=W)
+    y = ge.sample(8, torch.Generator().manual_seed(2))
+    assert y.shape == (8, 4096) and ge.cov == "full"
+    assert torch.cdist(y @ W.t(), centers @ W.t()).min(1).values.max() < 1.0
+
+
+# ----------------------------------------------------------------------------- training runs
+@pytest.fixture(scope="module")
+def run3(tmp_path_factory):
+    out = tmp_path_factory.mktemp("disp3")
+    r = run(SMALL + ["--iters", "3", "--diffaug", "color,translation,cutout", "--cr", "10"], out)
+    return out, r
+
+
+def test_three_iterations_write_checkpoint_and_samples(run3, tmp_path):
+    out, r = run3
+    assert os.path.isfile(out / "ckpt" / "last.pt") and os.path.isfile(out / "samples" / "000003.png")
+    assert os.path.isfile(out / "priors.pt") and "priors: vgg16" in r.stdout
+    assert [m["iter"] for m in losses(out)] == [1, 2, 3]
+    ck = load_checkpoint(str(out / "ckpt" / "last.pt"))  # weights_only=True
+    assert ck["method"] == "disp" and ck["step"] == 3 and ck["priors"].shape == (64, 4096)
+    s = disp.load_for_sampling(ck, torch.device("cpu"))
+    lat = s.latents(6, 0)
+    assert lat.shape == (6, 120 + 4096) and torch.equal(lat, s.latents(6, 0))
+    for mode in ["mixup", "train", "gmm"]:
+        s.prior_mode = mode
+        x = s.generate(s.latents(4, 1))
+        assert x.shape == (4, 3, 32, 32) and x.abs().max() <= 1
+    img = tmp_path / "query.png"
+    from PIL import Image
+    Image.fromarray(load_dataset("digits", 32).images[7].permute(1, 2, 0).numpy()).save(img)
+    si = disp.load_for_sampling(ck, torch.device("cpu"), prior_from=str(img))
+    assert si.prior_mode == "image"
+    li = si.latents(3, 0)
+    assert torch.allclose(li[0, 120:], ck["priors"][7], atol=1e-4) and torch.equal(li[0, 120:], li[2, 120:])
+    assert si.style_mix(li[:2], lat[:2]).shape == (2, 3, 32, 32)
+    with pytest.raises(UserError, match="unknown sampler option"):
+        disp.load_for_sampling(ck, torch.device("cpu"), bogus="1")
+    disp.main(["--sample", str(out / "ckpt" / "last.pt"), "--prior-mode", "gmm", "--n", "4", "--out", str(tmp_path)])
+    assert os.path.isfile(tmp_path / "samples_gmm.png")
+
+
+def test_resume_continues_identically(run3, tmp_path):
+    out3, _ = run3
+    out = tmp_path / "r"
+    args = SMALL + ["--diffaug", "color,translation,cutout", "--cr", "10"]
+    run(args + ["--iters", "1"], out)
+    r = run(args + ["--iters", "3", "--resume", "auto"], out)
+    assert "resumed from" in r.stdout and "priors:" not in r.stdout  # prior cache reused by the resumed run
+    a, b = losses(out3), losses(out)
+    assert [m["iter"] for m in b] == [1, 2, 3]
+    assert a == b, (a, b)
+
+
+def test_transfer_init_and_freeze_d_with_baseline(run3, tmp_path):
+    """TransferGAN init from the DISP run + FreezeD 2, trained as the --prior none baseline (whose per-image
+    embeddings cannot be transferred: they are the only tensors left at their fresh init)."""
+    out3, _ = run3
+    out = tmp_path / "t"
+    r = run(SMALL + ["--iters", "1", "--init-from", str(out3 / "ckpt" / "last.pt"), "--freeze-d", "2", "--prior", "none"],
+            out)
+    src, ck = load_checkpoint(str(out3 / "ckpt" / "last.pt")), load_checkpoint(str(out / "ckpt" / "last.pt"))
+    n_g = len(ck["G"])
+    assert f"G {n_g - 1}/{n_g}" in r.stdout  # everything but G_emb
+    assert torch.equal(ck["priors"], torch.eye(64)) and ck["G"]["emb.weight"].shape == (128, 64)
+    key = "parametrizations.weight.original"
+    for i in range(4):
+        same = torch.equal(src["D"][f"blocks.{i}.conv1.{key}"], ck["D"][f"blocks.{i}.conv1.{key}"])
+        assert same == (i < 2), i  # frozen blocks keep the transferred weights, the others train
+    w0, w1 = src["G"][f"blocks.0.conv1.{key}"], ck["G"][f"blocks.0.conv1.{key}"]
+    assert not torch.equal(w0, w1) and (w0 - w1).abs().max() < 0.05  # started from the source G, then trained
+
+
+def test_bad_flags_give_one_error_line(tmp_path):
+    r = run(["--res", "48", "--data", "digits"], tmp_path / "x", ok=False)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "error: --res 48" in r.stderr
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_learning_check(tmp_path):
+    """80 iterations at 32 px on 256 digits: the per-pixel statistics of EMA-G samples (EMA = G here) get closer to
+    the data. Statistic: RMS over pixels of (mean_fake - mean_real) + RMS of (std_fake - std_real), 256 samples.
+    A random-init G scores ~1.0-1.5; we require < 0.7 and < 0.6 x the init score (flipped G loss or no G step fail)."""
+    out = tmp_path / "learn"
+    run(["--data", "digits", "--res", "32", "--ch", "8", "--batch", "16", "--d-steps", "2", "--prior-weights", "random",
+         "--prior-size", "32", "--max-images", "256", "--iters", "80", "--ema-start", "100000", "--log-every", "20",
+         "--sample-every", "1000"], out, timeout=180)
+    ck = load_checkpoint(str(out / "ckpt" / "last.pt"))
+    s = disp.load_for_sampling(ck, torch.device("cpu"))
+    real = load_dataset("digits", 32).images[:256].float() / 127.5 - 1
+
+    def stat(x):
+        return ((x.mean(0) - real.mean(0)).pow(2).mean().sqrt() + (x.std(0) - real.std(0)).pow(2).mean().sqrt()).item()
+
+    trained = stat(s.sample(256, 0))
+    torch.manual_seed(0)
+    s.G = disp.build_models(s.a, ck["prior_dim"])[0].eval()
+    init = stat(s.sample(256, 0))
+    assert trained < 0.7 and trained < 0.6 * init, (trained, init)
