@@ -21,7 +21,8 @@ Deviations (from the authors' code unless said)
   <= res. D: `down_from_big` is the 256 model's conv3x3 s1, now at level res, followed by the DownBlockComps from res
   to 8; D SLEs whose source is <= res. The "128" inputs (G's small output, D's small branch, decoder outputs and
   targets) are min(res, 128) pixels; the small branch starts with its conv4x4 s2 at that level, the decoders keep
-  their first log2(min(res,128)/8) up blocks. At res 32 no authors' SLE fits, so G gets one SLE 4->32 and D one
+  their first log2(min(res,128)/8) up blocks. Decoder widths scale with --ndf (authors: fixed, = ndf/2 at ndf 64).
+  At res 32 no authors' SLE fits, so G gets one SLE 4->32 and D one
   32->8 (kept for the module, and for style mixing, in the smallest model).
 - tanh on both outputs at every resolution (the authors apply it only at 1024; they call this a leftover).
 - Reconstruction: `--recon mse` (default) = per-image mean squared error summed over the batch, no downloads;
@@ -31,6 +32,9 @@ Deviations (from the authors' code unless said)
 - Speed, same function: nearest-x2 upsample + conv3x3 is computed as one stride-2 transposed conv with a 4x4 kernel
   derived from the 3x3 one (2.25x fewer FLOPs, equal up to float rounding); G-step D forward without D weight
   gradients (the authors compute and discard them); the spectral-norm sigma reuses the power iteration's W v.
+- EMA warm-up: decay min(0.999, (1+t)/(10+t)) at iteration t (TensorFlow's num_updates rule), the authors' 0.999
+  from t = 8,991 on; without it short runs sample mostly the random init (0.999^300 = 74 % of it at t = 300).
+  --no-ema-warmup restores the authors' schedule.
 - Eval-mode samples (BN running stats, fixed noise seed) from the EMA generator; the authors' training grids used
   train-mode BN. Resizes to 128 are nearest (F.interpolate default), as in the authors' code.
 - Under torchrun each process has its own BN statistics (no SyncBN), like DDP in the authors' repo.
@@ -75,6 +79,8 @@ def parse_args(argv=None):
     g.add_argument("--beta2", type=float, default=0.999, help="Adam beta2 (G and D)")
     g.add_argument("--policy", default="color,translation", help="DiffAugment policy ('' for none)")
     g.add_argument("--ema", type=float, default=0.999, help="EMA decay of G's parameters")
+    g.add_argument("--no-ema-warmup", action="store_true",
+                   help="plain decay from iteration 1 (authors); default: min(ema, (1+t)/(10+t)), equal from t=8991")
     g.add_argument("--hinge", choices=["random", "plain"], default="random",
                    help="random: authors' margin 0.8+0.2U per logit; plain: paper eq. 3 (margin 1)")
     g.add_argument("--recon", choices=["mse", "lpips"], default="mse",
@@ -257,11 +263,12 @@ def down_block(cin, cout):
 
 
 class Decoder(nn.Module):
-    """SimpleDecoder: (avgpool 8) -> up blocks in->128->64->64->32 (first log2(out/8) of them) -> SN conv3x3 -> tanh."""
+    """SimpleDecoder: (avgpool 8) -> up blocks in->4b->2b->2b->b (first log2(out/8) of them) -> SN conv3x3 -> tanh.
+    b = ndf/2: the authors hard-code b = 32 (= 64/2, their ndf)."""
 
-    def __init__(self, cin, out_res=128):
+    def __init__(self, cin, out_res=128, b=32):
         super().__init__()
-        chain = [cin, 128, 64, 64, 32][: int(math.log2(out_res // 8)) + 1]
+        chain = [cin, 4 * b, 2 * b, 2 * b, b][: int(math.log2(out_res // 8)) + 1]
         self.main = nn.Sequential(*[up_block(a, b, False) for a, b in zip(chain, chain[1:])], SNConv(chain[-1], 3, 3, pad=1), nn.Tanh())
 
     def forward(self, x):
@@ -293,9 +300,9 @@ class Discriminator(nn.Module):
         small += [down_block(nfc[8 * r], nfc[4 * r]) for r in levels(8, self.small // 4)[::-1]]
         self.down_from_small = nn.Sequential(*small)
         self.rf_small = SNConv(nfc[32], 1, 4)
-        self.decoder_big = Decoder(nfc[16], self.small)
-        self.decoder_part = Decoder(nfc[32], self.small)
-        self.decoder_small = Decoder(nfc[32], self.small)
+        self.decoder_big = Decoder(nfc[16], self.small, ndf // 2)
+        self.decoder_part = Decoder(nfc[32], self.small, ndf // 2)
+        self.decoder_small = Decoder(nfc[32], self.small, ndf // 2)
 
     def forward(self, big, small=None, part=None):
         """Logits (5x5 per branch, flattened, big branch first); with `part` (real images) also the three
@@ -336,8 +343,8 @@ class LPIPSVGG(nn.Module):
 
     def __init__(self):
         super().__init__()
-        from torchvision.models import vgg16
-        self.features = vgg16(weights=None).features[:30]
+        from torchvision.models.vgg import cfgs, make_layers
+        self.features = make_layers(cfgs["D"])[:30]  # torchvision's VGG16 .features (no classifier to allocate)
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self.CH)
         self.register_buffer("shift", torch.tensor(self.SHIFT).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor(self.SCALE).view(1, 3, 1, 1))
@@ -579,7 +586,8 @@ def run(args):
             if cl:
                 real = real.contiguous(memory_format=torch.channels_last)
             losses = train_step(G_run, D_run, opt_G, opt_D, real, args, device, percept, D)
-            ema_update(G_ema, G, args.ema, copy_buffers=True)  # params averaged; BN stats and SN u, v from live G
+            beta = args.ema if args.no_ema_warmup else min(args.ema, (1 + it) / (10 + it))
+            ema_update(G_ema, G, beta, copy_buffers=True)  # params averaged; BN stats and SN u, v from live G
             last = it == args.iters
             if it % args.log_every == 0 or last or it % args.ckpt_every == 0:
                 check_finite(losses, it, out)
