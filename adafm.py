@@ -41,9 +41,12 @@ Deviations / choices (all visible in the code):
 - scratch uses plain convs (AdaFM on trainable filters is redundant). fs/adafm's gamma/beta start at 1/0.
 - Real data: --crop center (paper), random flip, + U[0, 1/128) dequantization noise (GAN_stability).
 - --mode pretrain uses GAN_stability's RMSprop(lr, alpha 0.99, eps 1e-8) and batch 128 by default; the official
-  source was trained far longer than 60k iterations. Real and fake go through D as one batch (no BN, same result).
+  --iters stays 60000 (set it for your source dataset). Real and fake go through D as one batch (no BN, same result).
 - Style mixing (Fig. 12): the fc input z and the styles of blocks < --mix-block come from sample a, the styles of
-  blocks >= --mix-block from b. Noise inputs are fixed (seed 0) when sampling, so samples are deterministic.
+  blocks >= --mix-block from b (samples/style_mix.png at the end; eval.py --mix [--sampler-opt mix_block=0]).
+  Noise inputs are fixed (seed 0) when sampling, so samples are deterministic.
+- FID/KID (--eval-every) use common.metrics' protocol (TF Inception, all real images); the paper's FIDs used
+  torchvision's Inception on 8k real vs 8k EMA samples, so the absolute numbers are not comparable.
 - DDP: the G loss calls the unwrapped D and the D step the unwrapped G (no-grad), and G's DDP wrapper is rebuilt
   when AdaFM switches on, so requires_grad toggling is safe; --amp is bf16 autocast; channels_last on CUDA.
 
@@ -95,21 +98,25 @@ def parse_args(argv=None):
     g.add_argument("--mode", choices=list(MODES), default="adafm", help="model/ablation (see the module docstring)")
     g.add_argument("--source", default=None, help="source checkpoint: the authors' imagenet-8c505f47.pt or a --mode "
                    "pretrain checkpoint (default: download the official one into --cache-dir)")
-    g.add_argument("--cache-dir", default=None, help="download cache for the official source (default <torch hub>/checkpoints)")
+    g.add_argument("--cache-dir", default=None,
+                   help="download cache for the official source (default <torch hub>/checkpoints)")
     g.add_argument("--nf", type=int, default=64, help="channel width unit (GP-GAN: 64; channels nf*16 at the top)")
     g.add_argument("--z-dim", type=int, default=256, help="latent size (paper: 256 CelebA, 64 small sets; source 256)")
     g.add_argument("--w-dim", type=int, default=256, help="style (w) size of the mapping network")
     g.add_argument("--embed-dim", type=int, default=256, help="label embedding size of a conditional source (pretrain)")
     g.add_argument("--labels", choices=["none", "auto"], default="none", help="--mode pretrain: 'auto' = class-"
                    "conditional (digits classes, or the first-level subfolders of --data); 'none' = unconditional")
-    g.add_argument("--adafm-start", type=int, default=10000, help="AdaFM/FS gamma, beta are trained from this iteration on")
+    g.add_argument("--adafm-start", type=int, default=10000,
+                   help="AdaFM/FS gamma, beta are trained from this iteration on")
     g.add_argument("--r1", type=float, default=10.0, help="R1 weight: r1 * mean_b sum (dD(x)/dx)^2 on reals")
     g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the generator used for samples/eval")
     g.add_argument("--head-scale", default="auto", help="init of the per-channel rescaling w_c: auto (source feature "
                    "std/mean; 1 without a source) or a number (authors: ~1000 for the ImageNet source)")
     g.add_argument("--mix-block", type=int, default=1, help="style mixing: style blocks >= this take sample b's style")
-    g.add_argument("--style-mix", type=int, default=5, help="write samples/style_mix.png (N x N, paper Fig. 12) at the end; 0 = off")
-    g.add_argument("--benchmark", type=int, default=0, help="time N iterations on random data (after 1 warm-up), print s/iteration, exit")
+    g.add_argument("--style-mix", type=int, default=5,
+                   help="write samples/style_mix.png (N x N, paper Fig. 12) at the end; 0 = off")
+    g.add_argument("--benchmark", type=int, default=0,
+                   help="time N iterations on random data (after 1 warm-up), print s/iteration, exit")
     args = p.parse_args(argv)
     if args.batch is None:
         args.batch = 128 if args.mode == "pretrain" else 16
@@ -346,7 +353,8 @@ def transfer(G, D, G_sd, D_sd, path="source", desc=""):
             if k not in sd or tuple(sd[k].shape) != tuple(own[k].shape):
                 got = "is missing" if k not in sd else f"has shape {list(sd[k].shape)}"
                 raise UserError(f"source checkpoint {path} ({desc}) does not fit this model: first mismatching key "
-                                f"'{top}.{k}' {got}, expected {list(own[k].shape)} (check --nf; sources must be GP-GAN resnet2)")
+                                f"'{top}.{k}' {got}, expected {list(own[k].shape)} "
+                                "(check --nf; sources must be GP-GAN resnet2)")
         with torch.no_grad():
             for k in want:
                 own[k].copy_(sd[k])
@@ -473,12 +481,13 @@ def style_mix_grid(sampler, n, seed, path):
     save_grid(torch.cat(rows), path, nrow=n + 1)
 
 
-def load_for_sampling(ckpt, device):
+def load_for_sampling(ckpt, device, mix_block=None):
+    """The EMA generator of an adafm.py checkpoint; mix_block overrides --mix-block (eval.py --sampler-opt)."""
     check_method(ckpt, METHOD)
     a = argparse.Namespace(**ckpt["args"])
     G = build(a)[0]
     G.load_state_dict(ckpt["G_ema"])
-    return Sampler(G.to(device), a.res, device, a.mix_block)
+    return Sampler(G.to(device), a.res, device, a.mix_block if mix_block is None else int(mix_block))
 
 
 # ----------------------------------------------------------------------------- main
@@ -494,6 +503,10 @@ def run(args):
         raise UserError(f"--res {args.res} is not supported: use a power of two >= 32 (32, 64, 128 = paper, ...)")
     if not 0 <= args.mix_block <= 2:
         raise UserError("--mix-block must be 0, 1 or 2 (the head has two style blocks)")
+    try:
+        head_scale = None if args.head_scale == "auto" else float(args.head_scale)
+    except ValueError:
+        raise UserError(f"--head-scale {args.head_scale!r}: use 'auto' or a number")
     dist_ = Dist(args.device)
     device, bs = dist_.device, dist_.per_rank_batch(args.batch)
     seed_everything(args.seed + dist_.rank)
@@ -519,32 +532,29 @@ def run(args):
         src_ckpt, src_path = fetch_source(args.source, args.cache_dir)
         G_sd, D_sd, desc = source_state_dicts(src_ckpt, src_path)
         report = transfer(G, D, G_sd, D_sd, src_path, desc)
-        if head == "style":
-            if args.head_scale == "auto":
-                calibrate_head(G, G_sd)
+        if head == "style" and head_scale is None:
+            calibrate_head(G, G_sd)
         del src_ckpt, G_sd, D_sd
     elif args.source and not transfer_mode:
         print(f"note: --source is ignored by --mode {args.mode} (random init)")
-    if head == "style" and args.head_scale != "auto" and not resume:
-        try:
-            G.scale.data.fill_(float(args.head_scale))
-        except ValueError:
-            raise UserError(f"--head-scale {args.head_scale!r}: use 'auto' or a number")
+    if head == "style" and head_scale is not None and not resume:
+        G.scale.data.fill_(head_scale)
     G_fro, G_ada, G_tr = split_params(G, G_GENERAL, freeze)
     D_fro, _, D_tr = split_params(D, D_GENERAL, freeze)
     requires_grad(G_fro + D_fro, False)
     if dist_.is_main:
+        ada = f" + AdaFM/FS {sum(p.numel() for p in G_ada):,} (trained from iteration {args.adafm_start})" if G_ada else ""
         print(f"mode {args.mode}: G {count_params(G):,} params = trainable {sum(p.numel() for p in G_tr):,} + frozen "
-              f"{sum(p.numel() for p in G_fro):,} + AdaFM/FS {sum(p.numel() for p in G_ada):,} (trained from "
-              f"iteration {args.adafm_start}) | D {count_params(D):,} = trainable {sum(p.numel() for p in D_tr):,} "
-              f"+ frozen {sum(p.numel() for p in D_fro):,}", flush=True)
+              f"{sum(p.numel() for p in G_fro):,}{ada} | D {count_params(D):,} = trainable "
+              f"{sum(p.numel() for p in D_tr):,} + frozen {sum(p.numel() for p in D_fro):,}", flush=True)
         if report:
             for n, m in (("G", G), ("D", D)):
                 fro = {k for k, p in m.named_parameters() if not p.requires_grad}
                 report[n + "_frozen"] = [k for k in report[n + "_loaded"] if k in fro]
             report["source"] = src_path
             for n in "GD":
-                print(f"transfer {n} ({desc}): loaded {len(report[n + '_loaded'])} tensors [{modules(report[n + '_loaded'])}]"
+                print(f"transfer {n} ({desc}): loaded {len(report[n + '_loaded'])} tensors "
+                      f"[{modules(report[n + '_loaded'])}]"
                       f"; frozen [{modules(report[n + '_frozen'])}]; new [{modules(report[n + '_new'])}]")
             with open(os.path.join(args.out, "transfer.json"), "w") as f:
                 json.dump(report, f, indent=1)
@@ -638,7 +648,8 @@ def run(args):
             step = it + 1
             if step % args.log_every == 0 or step == args.iters:
                 if G_ada:   # how far AdaFM/FS moved from identity: mean over gamma, beta of |gamma - 1|, |beta|
-                    logs["adafm_dev"] = sum((p.detach() - float(n.endswith("gamma"))).abs().sum() for n, p in G.named_parameters()
+                    logs["adafm_dev"] = sum((p.detach() - float(n.endswith("gamma"))).abs().sum()
+                                            for n, p in G.named_parameters()
                                             if n.endswith(("gamma", "beta"))) / sum(p.numel() for p in G_ada)
                 check_finite(logs, step, args.out)
                 progress(step, **logs)
