@@ -123,30 +123,43 @@ def resolve_cfg(args, world=1):
 # ----------------------------------------------------------------------------------------------------------------
 def setup_filter(taps):
     """Normalized FIR filter: 2-D outer product for short filters ([1,3,3,1] -> 4x4), 1-D separable for >= 8 taps."""
-    f = torch.as_tensor(taps, dtype=torch.float32)
-    if f.numel() < 8:
-        f = torch.outer(f, f)
-    return f / f.sum()
+    f = np.asarray(taps, dtype=np.float64)
+    if f.size < 8:
+        f = np.outer(f, f)
+    return torch.tensor(f / f.sum(), dtype=torch.float32)
 
 
 def upfirdn2d(x, f, up=1, down=1, pad=(0, 0, 0, 0), gain=1.0, flip=False):
     """Upsample (zero insertion), pad (x0, x1, y0, y1; negative = crop), FIR filter, downsample: NVIDIA's
-    `_upfirdn2d_ref` as a depthwise conv2d."""
+    `_upfirdn2d_ref` as depthwise convolutions. Upsampling runs as a stride-`up` transposed conv (the same numbers
+    as zero insertion + filtering, without multiplying the inserted zeros); downsampling as a strided conv."""
     B, C, H, W = x.shape
-    if up > 1:
-        x = F.pad(x.reshape(B, C, H, 1, W, 1), [0, up - 1, 0, 0, 0, up - 1]).reshape(B, C, H * up, W * up)
+    f = (f * gain ** (f.ndim / 2)).to(x.dtype)
     px0, px1, py0, py1 = pad
+    if up > 1:
+        assert down == 1
+        fc = f.flip(list(range(f.ndim))) if flip else f  # the true-convolution kernel
+        if f.ndim == 2:
+            x = F.conv_transpose2d(x, fc[None, None].expand(C, 1, *f.shape), stride=up, groups=C)
+        else:
+            x = F.conv_transpose2d(x, fc[None, None, None, :].expand(C, 1, 1, -1), stride=(1, up), groups=C)
+            x = F.conv_transpose2d(x, fc[None, None, :, None].expand(C, 1, -1, 1), stride=(up, 1), groups=C)
+        # x is the full convolution of the zero-inserted image minus its last (up-1) zero rows/cols; the reference's
+        # valid-mode output starts at offset K-1-p0 of the full convolution.
+        K = f.shape[-1]
+        x0, y0 = K - 1 - px0, K - 1 - py0
+        wo, ho = W * up + px0 + px1 - K + 1, H * up + py0 + py1 - K + 1
+        x = F.pad(x, [max(-x0, 0), max(x0 + wo - x.shape[3], 0), max(-y0, 0), max(y0 + ho - x.shape[2], 0)])
+        x0, y0 = max(x0, 0), max(y0, 0)
+        return x[:, :, y0: y0 + ho, x0: x0 + wo]
     x = F.pad(x, [max(px0, 0), max(px1, 0), max(py0, 0), max(py1, 0)])
     x = x[:, :, max(-py0, 0): x.shape[2] - max(-py1, 0), max(-px0, 0): x.shape[3] - max(-px1, 0)]
-    f = (f * gain ** (f.ndim / 2)).to(x.dtype)
     if not flip:  # conv2d is a correlation: flip to get a convolution
         f = f.flip(list(range(f.ndim)))
-    if f.ndim == 2:
-        x = F.conv2d(x, f[None, None].expand(C, 1, *f.shape), groups=C)
-    else:  # separable
-        x = F.conv2d(x, f[None, None, None, :].expand(C, 1, 1, -1), groups=C)
-        x = F.conv2d(x, f[None, None, :, None].expand(C, 1, -1, 1), groups=C)
-    return x[:, :, ::down, ::down]
+    if f.ndim == 2:  # strided conv == full conv then keeping every `down`-th pixel
+        return F.conv2d(x, f[None, None].expand(C, 1, *f.shape), groups=C, stride=down)
+    x = F.conv2d(x, f[None, None, None, :].expand(C, 1, 1, -1), groups=C, stride=(1, down))  # separable
+    return F.conv2d(x, f[None, None, :, None].expand(C, 1, -1, 1), groups=C, stride=(down, 1))
 
 
 def upsample2d(x, f, up=2):

