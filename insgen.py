@@ -43,8 +43,13 @@ Deviations / choices (vs. the paper and the authors' code):
 
 Run:       python insgen.py --data pokemon --res 256 --cfg auto            (1 GPU; --cfg paper256 = 8 GPUs, batch 64)
 Plain ADA: python insgen.py --data pokemon --res 256 --cfg auto --no-insgen
-CPU toy:   python insgen.py --data digits --res 32 --cfg auto --cbase 1024 --cmax 64 --batch 16 --iters 400
-Benchmark: python insgen.py --bench 16 --res 256 --cfg auto   (seconds per kimg with and without InsGen, no files)
+Multi-GPU: torchrun --nproc_per_node 8 insgen.py --data DIR --res 256 --cfg paper256
+Samples:   python eval.py ... (Sampler: truncation --psi, style_mix); --mix-grid also writes style-mixing grids.
+CPU toy:   python insgen.py --data digits --res 16 --cfg auto --cbase 512 --cmax 64 --batch 16 --iters 150
+Benchmark: python insgen.py --bench 16 --res 256 --cfg auto  (s/iter and s/kimg with and without InsGen, no files;
+           16 iterations = one full lazy-regularization cycle). Measured on the 2-core CPU of the dev machine (busy,
+           OMP_NUM_THREADS=1): `--bench 16 --res 32 --cfg auto --batch 16 --cbase 2048 --cmax 128` -> InsGen 252 s/kimg,
+           plain ADA 112 s/kimg (+125%: 3 extra D fwd+bwd, 3 D' fwd, 1 G fwd and 6 augmentations per iteration).
 """
 import argparse
 import copy
@@ -233,13 +238,15 @@ class _GridSample(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, grid = ctx.saved_tensors
-        return _GridSampleBackward.apply(grad_out, x, grid)
+        gx, ggrid = _GridSampleBackward.apply(grad_out, x, grid)
+        return gx, (ggrid if ctx.needs_input_grad[1] else None)
 
 
 class _GridSampleBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grad_out, x, grid):
-        gx, ggrid = torch.ops.aten.grid_sampler_2d_backward(grad_out, x, grid, 0, 0, False, [True, True])
+        mask = [True, grid.requires_grad]  # the ADA grid is a constant: skip its gradient
+        gx, ggrid = torch.ops.aten.grid_sampler_2d_backward(grad_out, x, grid, 0, 0, False, mask)
         ctx.save_for_backward(grid)
         return gx, ggrid
 
@@ -523,7 +530,10 @@ class AugmentPipe(nn.Module):
         return images
 
     def forward(self, images):
-        images = f32(images)
+        with torch.autocast(images.device.type, enabled=False):  # augmentation always in fp32 (or fp64)
+            return self._forward(f32(images))
+
+    def _forward(self, images):
         B, C, H, W = images.shape
         dev, p = images.device, self.p
         rand = lambda *s: torch.rand(*s, device=dev)  # noqa: E731
