@@ -30,7 +30,7 @@ Deviations (from the authors' code unless said)
   needs the ImageNet VGG16 and the LPIPS linear weights (torch.hub download or --vgg-weights / --lpips-weights).
   mse is the default because it runs offline and at half the CPU cost; use --recon lpips to reproduce the paper.
 - Speed, same function: nearest-x2 upsample + conv3x3 is computed as one stride-2 transposed conv with a 4x4 kernel
-  derived from the 3x3 one (2.25x fewer FLOPs, equal up to float rounding); G-step D forward without D weight
+  derived from the 3x3 one (2.25x fewer FLOPs, equal up to float rounding; inputs >= 8x8); G-step D forward without D weight
   gradients (the authors compute and discard them); the spectral-norm sigma reuses the power iteration's W v.
 - EMA warm-up: decay min(0.999, (1+t)/(10+t)) at iteration t (TensorFlow's num_updates rule), the authors' 0.999
   from t = 8,991 on; without it short runs sample mostly the random init (0.999^300 = 74 % of it at t = 300).
@@ -132,7 +132,7 @@ class SNConv(nn.Module):
         self.register_buffer("weight_v", F.normalize(torch.randn(w), dim=0, eps=1e-12))
 
     def sn_weight(self):
-        """weight_orig / sigma in float32 (autocast off); for up=True the derived 4x4 transposed-conv kernel."""
+        """weight_orig / sigma in float32 (autocast off)."""
         w = self.weight_orig.float()
         mat = (w.transpose(0, 1) if self.transpose else w).reshape(self.weight_u.numel(), -1)
         with torch.autocast(w.device.type, enabled=False):
@@ -146,12 +146,16 @@ class SNConv(nn.Module):
             else:
                 wv = torch.mv(mat, self.weight_v)
             sigma = torch.dot(self.weight_u.clone(), wv)
-            return up_kernel(w / sigma) if self.up else w / sigma
+        return w / sigma
 
     def forward(self, x):
         w = self.sn_weight()
+        if self.up and x.shape[-1] >= 8:  # measured: the fused form loses on 4x4 inputs (oneDNN), wins from 8x8 up
+            with torch.autocast(x.device.type, enabled=False):
+                k = up_kernel(w)
+            return F.conv_transpose2d(x, k, stride=2, padding=1)
         if self.up:
-            return F.conv_transpose2d(x, w, stride=2, padding=1)
+            return F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), w, padding=1)
         if self.transpose:
             return F.conv_transpose2d(x, w, stride=self.stride, padding=self.pad)
         return F.conv2d(x, w, stride=self.stride, padding=self.pad)
@@ -164,9 +168,31 @@ def bn(c):
     return m
 
 
+class _GLUFn(torch.autograd.Function):
+    """F.glu over channels, with a backward that keeps the input's memory format (aten's glu_backward returns NCHW
+    for a channels-last input, which sends the next BatchNorm backward down a ~10x slower mixed-format path)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return F.glu(x, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, = ctx.saved_tensors
+        c = g.shape[1]
+        a, s = x[:, :c], torch.sigmoid(x[:, c:])
+        gx = torch.empty_like(x)
+        ga, gb = gx[:, :c], gx[:, c:]
+        torch.mul(g, s, out=ga)  # d/da = sigmoid(b)
+        torch.mul(ga, a, out=gb)  # d/db = a * sigmoid(b) * (1 - sigmoid(b))
+        gb.mul_(s.neg_().add_(1))
+        return gx
+
+
 class GLU(nn.Module):  # first half * sigmoid(second half), over channels
     def forward(self, x):
-        return F.glu(x, dim=1)
+        return _GLUFn.apply(x)
 
 
 class LReLU(nn.Module):

@@ -221,6 +221,41 @@ def test_run_checkpoint_samples_and_resume_equal(tmp_path):
     assert p.returncode == 2 and "architecture" in p.stderr and "Traceback" not in p.stderr
 
 
+class StandInInception(nn.Module):
+    """Same contract as inception-2015-12-05.pt (uint8 NCHW in, features out), random weights: exercises the
+    --eval-every path without the real file."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+
+    def forward(self, x, return_features: bool = False):
+        x = F.interpolate(x.float() / 127.5 - 1, size=(32, 32), mode="bilinear", align_corners=False)
+        return F.relu(self.conv(x)).mean(dim=(2, 3))
+
+
+def test_eval_every_keeps_best_and_runs_without_weights(tmp_path, monkeypatch):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        torch.jit.script(StandInInception()).save(str(tmp_path / "standin.pt"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))  # empty caches; no download possible
+    monkeypatch.setenv("GAN_INCEPTION_URL", "http://127.0.0.1:9/none.pt")
+    for k in ("GAN_INCEPTION", "GAN_METRICS_CACHE", "GAN_INCEPTION_SHA256"):
+        monkeypatch.delenv(k, raising=False)
+    run_cli(*TINY, "--iters", "2", "--eval-every", "1", "--eval-n", "64", "--inception", tmp_path / "standin.pt",
+            "--out", tmp_path / "a")
+    p = run_cli(*TINY, "--iters", "1", "--eval-every", "1", "--out", tmp_path / "b")
+    with open(tmp_path / "a" / "metrics.jsonl") as f:
+        evals = [r for r in map(json.loads, f) if "fid" in r]
+    assert [r["iter"] for r in evals] == [1, 2] and all(math.isfinite(r["fid"]) and "kid" in r for r in evals)
+    best = load_checkpoint(str(tmp_path / "a" / "ckpt" / "best.pt"))
+    assert best["metrics"]["fid"] == min(r["fid"] for r in evals) and best["step"] == [r["iter"] for r in evals
+                                                                                      if r["fid"] == best["metrics"]["fid"]][0]
+    assert "metrics off:" in p.stdout and (tmp_path / "b" / "ckpt" / "last.pt").is_file()
+
+
 @pytest.mark.parametrize("flags,msg", [
     (["--data", "/nonexistent/folder"], "neither a folder"),
     (["--data", "EMPTY"], "no images"),
