@@ -50,8 +50,10 @@ Run:      python disp.py --data path/to/100-shot-images --out runs/disp-anime   
           torchrun --nproc_per_node 4 disp.py ...                                         (multi-GPU)
 Sample:   python disp.py --sample runs/x/ckpt/last.pt --prior-mode gmm --out grids/       (or --prior-from img.png)
           python eval.py ... --sampler-opt prior_mode=gmm (mixup|gmm|train|image) --sampler-opt prior_from=img.png
+          (other options: gmm_k, gmm_space=prior|emb, gmm_max, priors=<out>/priors.pt, prior_weights=PATH, psi)
 Bench:    python disp.py --data /work/shared/data/pokemon --max-images 100 --res 128 --benchmark 3 --prior-weights random
-          (prints the one-off prior extraction time and seconds/iteration of the few-shot 128 px setting)
+          (prints the one-off prior extraction time and seconds/iteration of the few-shot 128 px setting; writes only
+          args.json and priors.pt. On the 2-core CPU dev box, busy with other jobs: 81.6 s extraction, 183 s/iteration)
 Offline:  pretrained weights cannot be downloaded without internet: pass --prior-weights PATH (a torchvision
           state_dict, or SimCLR resnet50-1x.pth with a 'state_dict' key). --prior-weights random (random-init
           extractor) exists for tests and studies only: its priors carry no source-domain knowledge.
@@ -79,7 +81,7 @@ G_ARCH = {32: [4, 4, 4, 4], 64: [16, 16, 8, 4, 2], 128: [16, 16, 8, 4, 2, 1], 25
 D_ARCH = {32: [4, 4, 4, 4], 64: [1, 2, 4, 8, 16], 128: [1, 2, 4, 8, 16, 16], 256: [1, 2, 4, 8, 8, 16, 16]}
 D_DOWN = {32: 2, 64: 4, 128: 5, 256: 6}  # the first D_DOWN[res] D blocks halve the resolution, the rest keep it
 PRIOR_LAYERS = {"vgg16": ["fc7", "fc6", "logits"], "resnet50": ["pool", "logits"], "simclr": ["pool", "logits"]}
-SAMPLER_OPTS = ("prior_mode", "prior_from", "gmm_k", "gmm_space", "gmm_max", "priors", "prior_weights")
+SAMPLER_OPTS = ("prior_mode", "prior_from", "gmm_k", "gmm_space", "gmm_max", "priors", "prior_weights", "psi")
 
 
 def parse_args(argv=None):
@@ -88,7 +90,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("algorithm specific")
     g.add_argument("--prior", choices=["vgg16", "resnet50", "simclr", "none"], default="vgg16",
                    help="frozen extractor C giving the data instance prior; none = baseline, one learned embedding per image")
-    g.add_argument("--prior-layer", default="auto", help="vgg16: fc7 (default, after ReLU) | fc6 | logits; resnet50/simclr: pool | logits")
+    g.add_argument("--prior-layer", default="auto",
+                   help="vgg16: fc7 (default, after ReLU) | fc6 | logits; resnet50/simclr: pool (default) | logits")
     g.add_argument("--prior-weights", default="default",
                    help="default (torchvision ImageNet weights via the torch.hub cache) | PATH (local state_dict; needed "
                         "for simclr) | random (random-init extractor: for tests and studies only)")
@@ -106,7 +109,8 @@ def parse_args(argv=None):
     g.add_argument("--diffaug", default="", help="DiffAugment policy for every D input, e.g. color,translation,cutout")
     g.add_argument("--cr", type=float, default=0.0, help="consistency regularisation weight (paper: 10 with DiffAugment)")
     g.add_argument("--freeze-d", type=int, default=0, help="FreezeD: freeze the first N D blocks (paper: 5)")
-    g.add_argument("--init-from", default=None, help="TransferGAN: initialise G, D from this GAN checkpoint (matching tensors)")
+    g.add_argument("--init-from", default=None,
+                   help="TransferGAN: initialise G, D from this GAN checkpoint (tensors with matching names and shapes)")
     g.add_argument("--ckpt-priors", type=int, default=10000, help="at most this many training priors stored in checkpoints")
     g.add_argument("--benchmark", type=int, default=0, help="time N iterations after one warm-up, print s/iteration, exit")
     g.add_argument("--sample", default=None, help="sampling only: write a grid from this checkpoint to --out and exit")
@@ -118,7 +122,7 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- priors
 class Extractor(nn.Module):
-    """Frozen C: uint8-range input in [-1, 1] at any resolution -> [N, d] features. Always eval mode, no gradients."""
+    """Frozen C: images in [-1, 1] at any resolution -> [N, d] features. Always eval mode, no gradients."""
 
     def __init__(self, net, size, normalize):
         super().__init__()
@@ -211,8 +215,9 @@ def get_priors(ds, args, device, cache_path):
             chunks = torch.utils.data.DataLoader(ds.files, batch_size=64, num_workers=args.workers)
         priors = torch.cat([C(xb.to(device).float() / 127.5 - 1).cpu() for xb in chunks])
         dt = time.time() - t0
-        print(f"priors: {args.prior} ({args.prior_layer}, weights {args.prior_weights}) of {len(ds)} images -> {tuple(priors.shape)} in {dt:.1f} s "
-              f"(cached at {cache_path})", flush=True)
+        layer = PRIOR_LAYERS[args.prior][0] if args.prior_layer == "auto" else args.prior_layer
+        print(f"priors: {args.prior} ({layer}, weights {args.prior_weights}) of {len(ds)} images -> "
+              f"{tuple(priors.shape)} in {dt:.1f} s (cached at {cache_path})", flush=True)
     save_checkpoint({"key": key, "priors": priors}, cache_path)
     return priors, dt
 
@@ -398,11 +403,12 @@ class Sampler(SamplerBase):
     (settable attribute): mixup (default) | gmm | train | image (needs prior_from)."""
 
     def __init__(self, G, priors, a, device, prior_mode="mixup", prior_from=None, gmm_k=1000, gmm_space="prior",
-                 gmm_max=200000, prior_weights=None):
+                 gmm_max=200000, prior_weights=None, psi=None):
         self.G, self.priors, self.a, self.device, self.res = G, priors.float().cpu(), a, device, a.res
         self.prior_mode = "image" if prior_from and prior_mode == "mixup" else prior_mode
         self.prior_from, self.prior_weights = prior_from, prior_weights or a.prior_weights
         self.gmm_k, self.gmm_space, self.gmm_max, self._gmm, self._img = int(gmm_k), gmm_space, int(gmm_max), None, None
+        self.psi = float(psi) if psi else None  # BigGAN truncation: z ~ N(0, I) truncated to [-psi, psi]
 
     def gmm(self):
         if self._gmm is None:
@@ -436,6 +442,8 @@ class Sampler(SamplerBase):
     def latents(self, n, seed):
         gen = torch.Generator().manual_seed(int(seed))
         z = torch.randn(n, self.a.z_dim, generator=gen)
+        if self.psi:
+            z = torch.nn.init.trunc_normal_(z, 0.0, 1.0, -self.psi, self.psi, generator=gen)
         return torch.cat([z, self.sample_priors(n, gen)], 1).to(self.device)
 
     @torch.no_grad()
@@ -455,7 +463,8 @@ class Sampler(SamplerBase):
 
 def load_for_sampling(ckpt, device, **opts):
     """Rebuild the EMA generator; opts (eval.py --sampler-opt key=value): prior_mode, prior_from, gmm_k, gmm_space,
-    gmm_max, priors (path of a priors.pt cache to use instead of the checkpoint's), prior_weights (extractor path)."""
+    gmm_max, priors (path of a priors.pt cache to use instead of the checkpoint's), prior_weights (extractor path),
+    psi (eval.py --psi: truncated z)."""
     bad = set(opts) - set(SAMPLER_OPTS)
     if bad:
         raise UserError(f"unknown sampler option(s) {sorted(bad)}: disp accepts {', '.join(SAMPLER_OPTS)}")
@@ -640,7 +649,8 @@ def train(args):
                 continue
             if step % args.sample_every == 0 or step == args.iters:
                 with torch.no_grad():
-                    save_grid(Sampler(G_ema, priors, args, dev).generate(fixed), os.path.join(args.out, "samples", f"{step:06d}.png"))
+                    save_grid(Sampler(G_ema, priors, args, dev).generate(fixed),
+                              os.path.join(args.out, "samples", f"{step:06d}.png"))
             if ev is not None and (step % args.eval_every == 0 or step == args.iters):
                 s = Sampler(G_ema, priors, args, dev)
                 r = ev(lambda n, seed: s.sample(n, seed))

@@ -18,9 +18,10 @@ SMALL = ["--data", "digits", "--res", "32", "--ch", "4", "--batch", "8", "--d-st
          "--prior-size", "32", "--max-images", "64", "--log-every", "1", "--sample-every", "1000"]
 
 
-def run(args, out, timeout=120, ok=True):
+def run(args, out, timeout=300, ok=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny nets: 1 thread is as fast, and robust to a busy machine
     r = subprocess.run([sys.executable, "disp.py", *args, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout)
+                       timeout=timeout, env=env)
     if ok:
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
@@ -249,6 +250,7 @@ def test_three_iterations_write_checkpoint_and_samples(run3, tmp_path):
     li = si.latents(3, 0)
     assert torch.allclose(li[0, 120:], ck["priors"][7], atol=1e-4) and torch.equal(li[0, 120:], li[2, 120:])
     assert si.style_mix(li[:2], lat[:2]).shape == (2, 3, 32, 32)
+    assert disp.load_for_sampling(ck, torch.device("cpu"), psi=0.5).latents(50, 0)[:, :120].abs().max() <= 0.5
     with pytest.raises(UserError, match="unknown sampler option"):
         disp.load_for_sampling(ck, torch.device("cpu"), bogus="1")
     disp.main(["--sample", str(out / "ckpt" / "last.pt"), "--prior-mode", "gmm", "--n", "4", "--out", str(tmp_path)])
@@ -293,13 +295,14 @@ def test_bad_flags_give_one_error_line(tmp_path):
 
 
 def test_learning_check(tmp_path):
-    """80 iterations at 32 px on 256 digits: the per-pixel statistics of EMA-G samples (EMA = G here) get closer to
-    the data. Statistic: RMS over pixels of (mean_fake - mean_real) + RMS of (std_fake - std_real), 256 samples.
-    A random-init G scores ~1.0-1.5; we require < 0.7 and < 0.6 x the init score (flipped G loss or no G step fail)."""
+    """100 iterations (1 D step each) at 32 px on 256 digits: the per-pixel statistics of EMA-G samples (EMA = G
+    here) get closer to the data. Statistic: RMS over pixels of (mean_fake - mean_real) + RMS of (std_fake - std_real),
+    256 samples. Random-init Gs score 1.06-1.51, a working run ~0.44; we require < 0.6 and < 0.5 x the init score
+    (seed 0: 1.43). With the G loss sign flipped or without G steps the score stays above 0.9."""
     out = tmp_path / "learn"
-    run(["--data", "digits", "--res", "32", "--ch", "8", "--batch", "16", "--d-steps", "2", "--prior-weights", "random",
-         "--prior-size", "32", "--max-images", "256", "--iters", "80", "--ema-start", "100000", "--log-every", "20",
-         "--sample-every", "1000"], out, timeout=180)
+    run(["--data", "digits", "--res", "32", "--ch", "8", "--batch", "16", "--d-steps", "1", "--prior-weights", "random",
+         "--prior-size", "32", "--max-images", "256", "--iters", "100", "--ema-start", "100000", "--log-every", "20",
+         "--sample-every", "1000"], out, timeout=600)
     ck = load_checkpoint(str(out / "ckpt" / "last.pt"))
     s = disp.load_for_sampling(ck, torch.device("cpu"))
     real = load_dataset("digits", 32).images[:256].float() / 127.5 - 1
@@ -311,4 +314,4 @@ def test_learning_check(tmp_path):
     torch.manual_seed(0)
     s.G = disp.build_models(s.a, ck["prior_dim"])[0].eval()
     init = stat(s.sample(256, 0))
-    assert trained < 0.7 and trained < 0.6 * init, (trained, init)
+    assert trained < 0.6 and trained < 0.5 * init, (trained, init)
