@@ -45,9 +45,10 @@ Run
       # 2-core CPU: ~2.3-3 it/s (about 5 min); blurry digits from ~500 iterations in runs/.../samples/
   torchrun --nproc_per_node 4 fastgan.py --data pokemon --res 256 --batch 32 --amp
   python fastgan.py --bench --res 256 --batch 8 [--amp]             # seconds/iteration on this device, random data
-Benchmark (2-core AMD EPYC, 256 px, batch 8, mse, measured while other jobs kept the load at 5-6, so with
-OMP_NUM_THREADS=1 and interleaved runs): the authors' iteration 31.5 s, this script fp32 16.5 s (0.52x), --amp (bf16)
-9.1 s (0.29x). Idle-machine reference for the authors' code: 8.1 s/iteration with 2 threads.
+Benchmark (2-core AMD EPYC, 256 px, batch 8, mse; the authors' iteration timed in the same window; the box was shared
+with other jobs, and 2 OpenMP threads stall on a busy box, e.g. one BatchNorm call 0.2 ms -> 45 ms):
+  2 threads, load ~1.5: authors 7.88 s, this script 5.83 s (0.74x), --amp 3.37 s (0.43x)  [before fused Adam, -0.14 s]
+  OMP_NUM_THREADS=1, load ~1.3: authors 14.9 s, fp32 9.86 s (0.66x), --amp 5.74 s (0.39x)
   python eval.py runs/<run>/ckpt/best.pt ...                        # Sampler.style_mix: layout of a, SLE inputs of b
 """
 import argparse
