@@ -55,8 +55,8 @@ Run (from the repo root):
   python adafm.py --mode pretrain --data digits --res 32 --nf 8 --z-dim 32 --w-dim 32 --iters 500 --out runs/src
   python adafm.py --data pokemon --res 32 --nf 8 --z-dim 32 --w-dim 32 --source runs/src/ckpt/last.pt
 Benchmark (s/iteration, batch 16, 128 px, random weights, AdaFM on, no data/source needed):
-  for m in adafm scratch transfergan; do python adafm.py --benchmark 3 --mode $m; done
-  Measured (--benchmark 1, 2-core CPU shared with other jobs, load ~6): adafm 156, scratch 247, transfergan 290
+  for m in adafm scratch transfergan; do python adafm.py --bench 3 --mode $m; done
+  Measured (--bench 1, 2-core CPU shared with other jobs, load ~6): adafm 156, scratch 247, transfergan 290
   s/iteration: frozen filters need no weight gradients, so adafm is the cheapest step.
 """
 import argparse
@@ -117,7 +117,7 @@ def parse_args(argv=None):
     g.add_argument("--mix-block", type=int, default=1, help="style mixing: style blocks >= this take sample b's style")
     g.add_argument("--style-mix", type=int, default=5,
                    help="write samples/style_mix.png (N x N, paper Fig. 12) at the end; 0 = off")
-    g.add_argument("--benchmark", type=int, default=0,
+    g.add_argument("--bench", type=int, default=0,
                    help="time N iterations on random data (after 1 warm-up), print s/iteration, exit")
     args = p.parse_args(argv)
     if args.batch is None:
@@ -513,12 +513,12 @@ def run(args):
     device, bs = dist_.device, dist_.per_rank_batch(args.batch)
     seed_everything(args.seed + dist_.rank)
     ds = labels = None
-    if not args.benchmark:
+    if not args.bench:
         ds = load_dataset(args.data, args.res, args.data_root, args.crop)
         if args.labels == "auto" and args.mode == "pretrain":
             labels = dataset_labels(args, len(ds))
     args.nlabels = int(labels.max()) + 1 if labels is not None else 0
-    resume = None if args.benchmark else resolve_resume(args)
+    resume = None if args.bench else resolve_resume(args)
     if resume:
         ckpt = load_checkpoint(resume)
         check_method(ckpt, METHOD, resume)
@@ -526,11 +526,11 @@ def run(args):
             if ckpt["args"].get(k) != getattr(args, k):
                 raise UserError(f"checkpoint {resume} was trained with --{k.replace('_', '-')} {ckpt['args'].get(k)}, "
                                 f"this run asks for {getattr(args, k)}: use the same flags (or a new --out)")
-    if not args.benchmark:
+    if not args.bench:
         prepare_run_dir(args, METHOD, dist_.is_main)
     G, D = build(args)
     report = None
-    if transfer_mode and not resume and not args.benchmark:
+    if transfer_mode and not resume and not args.bench:
         src_ckpt, src_path = fetch_source(args.source, args.cache_dir)
         G_sd, D_sd, desc = source_state_dicts(src_ckpt, src_path)
         report = transfer(G, D, G_sd, D_sd, src_path, desc)
@@ -594,13 +594,13 @@ def run(args):
         requires_grad(G_ada, on)
         return wrap(G)
 
-    G_run, D_run = set_adafm(args.benchmark > 0 or step >= args.adafm_start), wrap(D)
+    G_run, D_run = set_adafm(args.bench > 0 or step >= args.adafm_start), wrap(D)
     nets, opts = (G, D, G_run, D_run, D_tr), (opt_G, opt_D, device)
 
-    if args.benchmark:
+    if args.bench:
         x = torch.rand(bs, 3, args.res, args.res, device=device) * 2 - 1
         y = torch.zeros(bs, dtype=torch.long, device=device) if args.nlabels else None
-        for i in range(args.benchmark + 1):
+        for i in range(args.bench + 1):
             if i == 1:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -609,7 +609,7 @@ def run(args):
             ema_update(G_ema, G, args.ema, copy_buffers=False)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        print(f"benchmark --mode {args.mode}: {(time.time() - t0) / args.benchmark:.3f} s/iteration (batch {bs}, "
+        print(f"benchmark --mode {args.mode}: {(time.time() - t0) / args.bench:.3f} s/iteration (batch {bs}, "
               f"{args.res} px, nf {args.nf}, {device}{', amp' if args.amp else ''}, {torch.get_num_threads()} threads)")
         return
 

@@ -51,7 +51,7 @@ Run:      python disp.py --data path/to/100-shot-images --out runs/disp-anime   
 Sample:   python disp.py --sample runs/x/ckpt/last.pt --prior-mode gmm --out grids/       (or --prior-from img.png)
           python eval.py ... --sampler-opt prior_mode=gmm (mixup|gmm|train|image) --sampler-opt prior_from=img.png
           (other options: gmm_k, gmm_space=prior|emb, gmm_max, priors=<out>/priors.pt, prior_weights=PATH, psi)
-Bench:    python disp.py --data /work/shared/data/pokemon --max-images 100 --res 128 --benchmark 3 --prior-weights random
+Bench:    python disp.py --data /work/shared/data/pokemon --max-images 100 --res 128 --bench 3 --prior-weights random
           (prints the one-off prior extraction time and seconds/iteration of the few-shot 128 px setting; writes only
           args.json and priors.pt. On the 2-core CPU dev box, busy with other jobs: 81.6 s extraction, 183 s/iteration)
 Offline:  pretrained weights cannot be downloaded without internet: pass --prior-weights PATH (a torchvision
@@ -112,7 +112,7 @@ def parse_args(argv=None):
     g.add_argument("--init-from", default=None,
                    help="TransferGAN: initialise G, D from this GAN checkpoint (tensors with matching names and shapes)")
     g.add_argument("--ckpt-priors", type=int, default=10000, help="at most this many training priors stored in checkpoints")
-    g.add_argument("--benchmark", type=int, default=0, help="time N iterations after one warm-up, print s/iteration, exit")
+    g.add_argument("--bench", type=int, default=0, help="time N iterations after one warm-up, print s/iteration, exit")
     g.add_argument("--sample", default=None, help="sampling only: write a grid from this checkpoint to --out and exit")
     g.add_argument("--prior-mode", default="mixup", help="with --sample: mixup | gmm | train | image")
     g.add_argument("--prior-from", default=None, help="with --sample: variations of this image (prior_mode image)")
@@ -527,10 +527,6 @@ def train(args):
     if args.freeze_d < 0 or args.freeze_d >= len(D_ARCH.get(args.res, [])):
         raise UserError(f"--freeze-d {args.freeze_d}: must be in [0, number of D blocks - 1]")
     prepare_run_dir(args, METHOD, is_main)
-    if dist_.world > 1:  # every rank must use rank 0's run directory
-        box = [args.out]
-        torch.distributed.broadcast_object_list(box, 0)
-        args.out = box[0]
     seed_everything(args.seed + dist_.rank)
     ds = load_dataset(args.data, args.res, args.data_root, args.crop)
     if args.max_images and args.max_images < len(ds):
@@ -588,7 +584,7 @@ def train(args):
                 "G_ema": G_ema.state_dict(), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
                 "rng": rng_state(), "best_fid": best_fid, "prior_dim": prior_dim, "priors": ckpt_priors}
 
-    if is_main and not args.benchmark:
+    if is_main and not args.bench:
         print(f"disp | {args.data} ({N} images) {args.res}px | prior {args.prior} {tuple(priors.shape)} | "
               f"G {count_params(G_raw) / 1e6:.2f}M D {count_params(D_raw) / 1e6:.2f}M params | D feature "
               f"{D_raw.feat_dim} | batch {args.batch} d_steps {args.d_steps} | betas {tuple(args.betas)}", flush=True)
@@ -603,12 +599,12 @@ def train(args):
     aug = (lambda x: diff_augment(x, args.diffaug)) if args.diffaug else (lambda x: x)
     batches = infinite_batches(ds, B, args.seed, start * args.d_steps, not args.no_flip, dist_.rank, dist_.world,
                                args.workers, dev)
-    prog = Progress(args.iters, start, args.log_every, is_main and not args.benchmark, args.out)
+    prog = Progress(args.iters, start, args.log_every, is_main and not args.bench, args.out)
     amp = args.amp
     step, t_bench = start, None
     try:
         for it in range(start, args.iters):
-            if args.benchmark and it == start + 1:
+            if args.bench and it == start + 1:
                 t_bench = time.time()
             for t in range(args.d_steps):  # Alg. 1 lines 3-10
                 x = next(batches)
@@ -636,8 +632,8 @@ def train(args):
                 q.requires_grad_(True)
             ema_update(G_ema, G_raw, args.ema_beta if it >= args.ema_start else 0.0, copy_buffers=True)
             step = it + 1
-            if args.benchmark and step == start + 1 + args.benchmark:
-                dt = (time.time() - t_bench) / args.benchmark
+            if args.bench and step == start + 1 + args.bench:
+                dt = (time.time() - t_bench) / args.bench
                 print(f"benchmark: {dt:.3f} s/iteration ({args.res}px, batch {args.batch}, {args.d_steps} D steps, "
                       f"ch {args.ch}, amp {args.amp}, {dev}); prior extraction {t_prior:.1f} s for {N} images "
                       f"({args.prior} at {args.prior_size}px)", flush=True)
@@ -645,7 +641,7 @@ def train(args):
             if step % args.log_every == 0 or step == args.iters:
                 check_finite({"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}, step, args.out)
             prog(step, loss_d=loss_d.detach(), loss_g=loss_g.detach())
-            if not is_main or args.benchmark:
+            if not is_main or args.bench:
                 continue
             if step % args.sample_every == 0 or step == args.iters:
                 with torch.no_grad():

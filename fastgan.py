@@ -44,7 +44,7 @@ Run
   python fastgan.py --data digits --res 32 --iters 800 --ngf 16 --ndf 16 --batch 8 --sample-every 100
       # 2-core CPU: ~2.3-3 it/s (about 5 min); blurry digits from ~500 iterations in runs/.../samples/
   torchrun --nproc_per_node 4 fastgan.py --data pokemon --res 256 --batch 32 --amp
-  python fastgan.py --bench --res 256 --batch 8 [--amp]             # seconds/iteration on this device, random data
+  python fastgan.py --bench 3 --res 256 --batch 8 [--amp]           # seconds/iteration on this device, random data
 Benchmark (2-core AMD EPYC, 256 px, batch 8, mse; the authors' iteration timed in the same window; the box was shared
 with other jobs, and 2 OpenMP threads stall on a busy box, e.g. one BatchNorm call 0.2 ms -> 45 ms):
   2 threads, load ~1.5: authors 7.88 s, this script 5.83 s (0.74x), --amp 3.37 s (0.43x)  [before fused Adam, -0.14 s]
@@ -96,8 +96,8 @@ def parse_args(argv=None):
     g.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                    help="NHWC memory format (auto: on; measured faster on CPU oneDNN and CUDA)")
     g.add_argument("--n-sample", type=int, default=16, help="images in each sample grid (fixed latents)")
-    g.add_argument("--bench", action="store_true", help="print seconds/iteration on random data at --res/--batch, then exit")
-    g.add_argument("--bench-iters", type=int, default=3, help="timed iterations for --bench (after one warm-up)")
+    g.add_argument("--bench", type=int, default=0,
+                   help="benchmark: time N iterations (after one warm-up) on random data at --res/--batch, print s/iteration, exit")
     return p.parse_args(argv)
 
 
@@ -532,7 +532,7 @@ def bench(args):
     if cl:
         real = real.contiguous(memory_format=torch.channels_last)
     G_ema, times = make_ema(G), []
-    for i in range(args.bench_iters + 1):
+    for i in range(args.bench + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -544,7 +544,7 @@ def bench(args):
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"bench: res {args.res} batch {args.batch} amp {args.amp} channels_last {cl} recon {args.recon} "
           f"device {device} threads {torch.get_num_threads()} load {load:.2f}: {t:.3f} s/iteration "
-          f"(median of {args.bench_iters}; all {', '.join(f'{x:.2f}' for x in times)})", flush=True)
+          f"(median of {args.bench}; all {', '.join(f'{x:.2f}' for x in times)})", flush=True)
     return t
 
 

@@ -101,10 +101,14 @@ class Dist:
 
 
 def prepare_run_dir(args, method, is_main=True):
-    """Fill in args.out, make <out>/samples and <out>/ckpt, write args.json. Returns the run directory."""
+    """Fill in args.out, make <out>/samples and <out>/ckpt, write args.json. Returns the run directory.
+    Under torchrun every rank gets rank 0's default directory name (the clocks of the ranks may differ)."""
     if args.out is None:
         data = os.path.basename(os.path.normpath(str(args.data)))
-        args.out = os.path.join("runs", f"{method}-{data}-{args.res}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+        box = [os.path.join("runs", f"{method}-{data}-{args.res}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, 0)
+        args.out = box[0]
     if is_main:
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
         os.makedirs(os.path.join(args.out, "ckpt"), exist_ok=True)

@@ -242,5 +242,5 @@ def test_learning_check_transfer_moves_samples_towards_the_data(tmp_path):
 
 
 def test_benchmark_flag_prints_seconds_per_iteration():
-    r = run(["--benchmark", "1", "--mode", "transfergan", "--res", "32", "--nf", "4", "--z-dim", "16", "--batch", "4"])
+    r = run(["--bench", "1", "--mode", "transfergan", "--res", "32", "--nf", "4", "--z-dim", "16", "--batch", "4"])
     assert "benchmark --mode transfergan:" in r.stdout and "s/iteration (batch 4, 32 px, nf 4, cpu" in r.stdout

@@ -293,3 +293,10 @@ def test_learning_digits_32px(tmp_path):
     init = rms_stat_distance(fg.Sampler(fg.Generator(32, 8, 256), 256, "cpu").sample(256, 1), data)
     trained = rms_stat_distance(fg.load_for_sampling(load_checkpoint(str(tmp_path / "ckpt" / "last.pt")), "cpu").sample(256, 1), data)
     assert trained < 0.55 * init, (init, trained)
+
+
+def test_bench_prints_seconds_per_iteration():
+    p = run_cli("--bench", "2", "--res", "32", "--ngf", "8", "--ndf", "8", "--batch", "2")
+    line = [x for x in p.stdout.splitlines() if x.startswith("bench:")][-1]
+    times = [float(t) for t in line.split("all ")[1].rstrip(")").split(", ")]
+    assert "res 32 batch 2" in line and "s/iteration (median of 2" in line and len(times) == 3 and min(times) > 0

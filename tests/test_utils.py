@@ -105,3 +105,25 @@ def test_user_errors_print_one_line_and_exit_2():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 2 and r.stderr == "error: bad thing: do X\n"
+
+
+def test_torchrun_ranks_share_rank0_run_dir(tmp_path):
+    """Under torchrun (gloo on CPU) Dist sets up the process group and every rank gets rank 0's default --out."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import argparse, time, sys\n"
+        "from common.utils import Dist, add_common_args, prepare_run_dir\n"
+        "d = Dist('cpu')\n"
+        "if d.rank == 1: time.sleep(1.5)  # a different clock second on rank 1\n"
+        "p = argparse.ArgumentParser(); add_common_args(p, res=8, batch=2, iters=1, lr=1.0)\n"
+        "a = p.parse_args([])\n"
+        "prepare_run_dir(a, 'probe', d.is_main)\n"
+        "print('OUT', d.rank, d.world, a.out, flush=True)\n"
+        "d.close()\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                        str(script)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    outs = sorted(line.split()[1:] for line in r.stdout.splitlines() if line.startswith("OUT"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [o[:2] for o in outs] == [["0", "2"], ["1", "2"]] and outs[0][2] == outs[1][2]
