@@ -75,7 +75,7 @@ from common.data import batch_indices, infinite_batches, list_images, load_datas
 from common.ema import ema_update, make_ema
 from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite,
                           check_method, count_params, load_checkpoint, log_metrics, prepare_run_dir, resolve_resume,
-                          rng_state, save_checkpoint, save_grid, seed_everything, set_rng_state, user_errors)
+                          rng_state, StopOnInterrupt, save_checkpoint, save_grid, seed_everything, set_rng_state, user_errors)
 
 METHOD = "adafm"
 SOURCE_URL = "https://s3.eu-central-1.amazonaws.com/avg-projects/gan_stability/models/imagenet-8c505f47.pt"
@@ -633,6 +633,7 @@ def run(args):
                              "opt_D": opt_D.state_dict(), "rng": rng_state(), "best_fid": best}, path)
 
     last = os.path.join(args.out, "ckpt", "last.pt")
+    stop = StopOnInterrupt(dist_.is_main)  # Ctrl-C: finish the iteration, save last.pt, exit 130
     try:
         for it in range(step, args.iters):
             if G_ada and it == args.adafm_start:
@@ -666,10 +667,13 @@ def run(args):
                     save(os.path.join(args.out, "ckpt", "best.pt"), step)
             if step % args.ckpt_every == 0 and step != args.iters:
                 save(last, step)
-    except KeyboardInterrupt:
-        save(last, step)
-        print(f"interrupted: saved {last} at iteration {step}", file=sys.stderr)
-        sys.exit(130)
+            if stop.requested:
+                save(last, step)
+                print(f"interrupted: saved {last} at iteration {step}", file=sys.stderr)
+                dist_.close()
+                sys.exit(130)
+    finally:
+        stop.restore()
     save(last, step)
     if dist_.is_main:
         if head == "style" and args.style_mix > 0:

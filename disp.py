@@ -74,7 +74,7 @@ from common.diffaug import diff_augment
 from common.ema import ema_update, make_ema
 from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite, check_method,
                           count_params, load_checkpoint, log_metrics, pick_device, prepare_run_dir, resolve_resume, rng_state,
-                          save_checkpoint, save_grid, seed_everything, set_rng_state, user_errors)
+                          StopOnInterrupt, save_checkpoint, save_grid, seed_everything, set_rng_state, user_errors)
 
 METHOD = "disp"
 G_ARCH = {32: [4, 4, 4, 4], 64: [16, 16, 8, 4, 2], 128: [16, 16, 8, 4, 2, 1], 256: [16, 16, 8, 8, 4, 2, 1]}  # x ch
@@ -602,6 +602,7 @@ def train(args):
     prog = Progress(args.iters, start, args.log_every, is_main and not args.bench, args.out)
     amp = args.amp
     step, t_bench = start, None
+    stop = StopOnInterrupt(is_main)  # Ctrl-C: finish the iteration, save last.pt, exit 130
     try:
         for it in range(start, args.iters):
             if args.bench and it == start + 1:
@@ -641,6 +642,12 @@ def train(args):
             if step % args.log_every == 0 or step == args.iters:
                 check_finite({"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}, step, args.out)
             prog(step, loss_d=loss_d.detach(), loss_g=loss_g.detach())
+            if stop.requested:
+                if is_main:
+                    save_checkpoint(ckpt_dict(step), os.path.join(args.out, "ckpt", "last.pt"))
+                    print(f"interrupted: saved {args.out}/ckpt/last.pt at iteration {step}", flush=True)
+                dist_.close()
+                sys.exit(130)
             if not is_main or args.bench:
                 continue
             if step % args.sample_every == 0 or step == args.iters:
@@ -657,12 +664,8 @@ def train(args):
                     save_checkpoint(ckpt_dict(step), os.path.join(args.out, "ckpt", "best.pt"))
             if step % args.ckpt_every == 0 or step == args.iters:
                 save_checkpoint(ckpt_dict(step), os.path.join(args.out, "ckpt", "last.pt"))
-    except KeyboardInterrupt:
-        if is_main:
-            save_checkpoint(ckpt_dict(step), os.path.join(args.out, "ckpt", "last.pt"))
-            print(f"interrupted: saved {args.out}/ckpt/last.pt at iteration {step}", flush=True)
-        dist_.close()
-        sys.exit(130)
+    finally:
+        stop.restore()
     dist_.close()
 
 

@@ -66,7 +66,7 @@ from common.diffaug import diff_augment
 from common.ema import ema_update, make_ema
 from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite,
                           check_method, load_checkpoint, log_metrics, prepare_run_dir, resolve_resume, rng_state,
-                          save_checkpoint, save_grid, seed_everything, set_rng_state, user_errors)
+                          StopOnInterrupt, save_checkpoint, save_grid, seed_everything, set_rng_state, user_errors)
 
 METHOD = "fastgan"
 RESOLUTIONS = (32, 64, 128, 256, 512, 1024)
@@ -612,6 +612,7 @@ def run(args):
                          "rng": rng_state(), "best_fid": best, **extra}, os.path.join(out, "ckpt", name))
 
     it = start
+    stop = StopOnInterrupt(dist.is_main)  # Ctrl-C: finish the iteration, save last.pt, exit 130
     try:
         for it in range(start + 1, args.iters + 1):
             real = next(batches)
@@ -624,6 +625,11 @@ def run(args):
             if it % args.log_every == 0 or last or it % args.ckpt_every == 0:
                 check_finite(losses, it, out)
             progress(it, **losses)
+            if stop.requested:
+                if dist.is_main:
+                    checkpoint(it)
+                    print(f"interrupted: saved {os.path.join(out, 'ckpt', 'last.pt')} at iteration {it}", flush=True)
+                sys.exit(130)
             if not dist.is_main:
                 continue
             if it % args.sample_every == 0 or last:
@@ -642,12 +648,8 @@ def run(args):
             a, b = z.repeat_interleave(len(z), 0), z.repeat(len(z), 1)
             mix = torch.cat([sampler.style_mix(a[i:i + 8], b[i:i + 8]) for i in range(0, len(a), 8)])
             save_grid(mix, os.path.join(out, "samples", "style_mix.png"), nrow=len(z))  # row i: layout of z_i, col j: style of z_j
-    except KeyboardInterrupt:
-        if dist.is_main:
-            checkpoint(it - 1 if it > start else start)
-            print(f"interrupted: saved {os.path.join(out, 'ckpt', 'last.pt')}", flush=True)
-        sys.exit(130)
     finally:
+        stop.restore()
         dist.close()
 
 

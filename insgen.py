@@ -69,7 +69,7 @@ from common.data import infinite_batches, load_dataset
 from common.ema import ema_update, make_ema, stylegan_ema_beta
 from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite,
                           check_method, load_checkpoint, log_metrics, prepare_run_dir, resolve_resume, rng_state,
-                          save_checkpoint, save_grid, seed_everything, set_rng_state, user_errors)
+                          StopOnInterrupt, save_checkpoint, save_grid, seed_everything, set_rng_state, user_errors)
 
 Z_DIM = W_DIM = 512
 SQRT2 = math.sqrt(2.0)
@@ -991,6 +991,7 @@ def main(argv=None):
             save_grid(grid, os.path.join(args.out, "samples", f"mix_{step:06d}.png"), nrow=n)
 
     step = start
+    stop = StopOnInterrupt(d.is_main)  # Ctrl-C: finish the iteration, save last.pt, exit 130
     try:
         while step < args.iters:
             losses = train_step(m, args, next(data), step, d.world)
@@ -1010,12 +1011,14 @@ def main(argv=None):
                     save_checkpoint(state_dict(m, args, step), os.path.join(args.out, "ckpt", "best.pt"))
             if d.is_main and (step % args.ckpt_every == 0 or step == args.iters):
                 save_checkpoint(state_dict(m, args, step), last["ckpt"])
-    except KeyboardInterrupt:
-        if d.is_main:
-            save_checkpoint(state_dict(m, args, step), last["ckpt"])
-            print(f"interrupted at iteration {step}: saved {last['ckpt']}", flush=True)
-        d.close()
-        sys.exit(130)
+            if stop.requested:
+                if d.is_main:
+                    save_checkpoint(state_dict(m, args, step), last["ckpt"])
+                    print(f"interrupted at iteration {step}: saved {last['ckpt']}", flush=True)
+                d.close()
+                sys.exit(130)
+    finally:
+        stop.restore()
     d.close()
 
 

@@ -4,7 +4,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -202,6 +204,30 @@ class Progress:
         print(f"it {it}/{self.total} | {r:.3g} it/s | ETA {h}h{m:02d}m | {vals}", flush=True)
         if self.out:
             log_metrics(self.out, {"iter": it, **{k: float(v) for k, v in losses.items()}})
+
+
+class StopOnInterrupt:
+    """First Ctrl-C (SIGINT) only sets `requested`: the training loop finishes the current iteration, saves
+    ckpt/last.pt at that completed step and exits 130, so the saved run resumes exactly. A second Ctrl-C raises
+    KeyboardInterrupt at once (nothing is saved). `restore()` puts the previous handler back."""
+
+    def __init__(self, verbose=True):
+        self.requested, self.verbose, self._old = False, verbose, None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.verbose:
+            print("Ctrl-C: finishing this iteration, then saving ckpt/last.pt (Ctrl-C again to abort without saving)",
+                  flush=True)
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
 
 
 def log_metrics(out, record):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.utils import (Dist, Progress, UserError, add_common_args, check_finite, load_checkpoint, pick_device,
+from common.utils import (Dist, Progress, StopOnInterrupt, UserError, add_common_args, check_finite, load_checkpoint, pick_device,
                           prepare_run_dir, resolve_resume, rng_state, save_checkpoint, set_rng_state)
 
 
@@ -127,3 +127,17 @@ def test_torchrun_ranks_share_rank0_run_dir(tmp_path):
     outs = sorted(line.split()[1:] for line in r.stdout.splitlines() if line.startswith("OUT"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert [o[:2] for o in outs] == [["0", "2"], ["1", "2"]] and outs[0][2] == outs[1][2]
+
+
+def test_stop_on_interrupt_defers_the_first_ctrl_c():
+    import signal
+    before = signal.getsignal(signal.SIGINT)
+    stop = StopOnInterrupt(verbose=False)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # first: only a request, no exception
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # second: abort now
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is before
