@@ -53,7 +53,7 @@ Sample:   python disp.py --sample runs/x/ckpt/last.pt --prior-mode gmm --out gri
           (other options: gmm_k, gmm_space=prior|emb, gmm_max, priors=<out>/priors.pt, prior_weights=PATH, psi)
 Bench:    python disp.py --data /work/shared/data/pokemon --max-images 100 --res 128 --bench 3 --prior-weights random
           (prints the one-off prior extraction time and seconds/iteration of the few-shot 128 px setting; writes only
-          args.json and priors.pt. On the 2-core CPU dev box, busy with other jobs: 81.6 s extraction, 183 s/iteration)
+          args.json and priors.pt. On the 2-core AMD EPYC dev CPU, load ~2: 23.0 s extraction, 69.7 s/iteration)
 Offline:  pretrained weights cannot be downloaded without internet: pass --prior-weights PATH (a torchvision
           state_dict, or SimCLR resnet50-1x.pth with a 'state_dict' key). --prior-weights random (random-init
           extractor) exists for tests and studies only: its priors carry no source-domain knowledge.

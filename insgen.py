@@ -47,9 +47,9 @@ Multi-GPU: torchrun --nproc_per_node 8 insgen.py --data DIR --res 256 --cfg pape
 Samples:   python eval.py ... (Sampler: truncation --psi, style_mix); --mix-grid also writes style-mixing grids.
 CPU toy:   python insgen.py --data digits --res 16 --cfg auto --cbase 512 --cmax 64 --batch 16 --iters 150
 Benchmark: python insgen.py --bench 16 --res 256 --cfg auto  (s/iter and s/kimg with and without InsGen, no files;
-           16 iterations = one full lazy-regularization cycle). Measured on the 2-core CPU of the dev machine (busy,
-           OMP_NUM_THREADS=1): `--bench 16 --res 32 --cfg auto --batch 16 --cbase 2048 --cmax 128` -> InsGen 252 s/kimg,
-           plain ADA 112 s/kimg (+125%: 3 extra D fwd+bwd, 3 D' fwd, 1 G fwd and 6 augmentations per iteration).
+           16 iterations = one full lazy-regularization cycle). Measured on the idle 2-core AMD EPYC dev CPU:
+           `--bench 16 --res 32 --cfg auto --batch 16 --cbase 2048 --cmax 128` -> InsGen 80.9 s/kimg, plain ADA
+           30.9 s/kimg (+162%: 3 extra D fwd+bwd, 3 D' fwd, 1 G fwd and 6 augmentations per iteration).
 """
 import argparse
 import copy
