@@ -1,9 +1,21 @@
 import os
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def clean_env(tmp_path, monkeypatch):
+    """No Inception weights anywhere: empty cache under tmp_path/torch_home, no GAN_INCEPTION, downloads go to a
+    closed local port (fails at once)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    for k in ("GAN_INCEPTION", "GAN_INCEPTION_SHA256", "GAN_METRICS_CACHE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("GAN_INCEPTION_URL", "http://127.0.0.1:9/inception-2015-12-05.pt")
+    return tmp_path

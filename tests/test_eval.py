@@ -113,14 +113,6 @@ def world(tmp_path_factory):
     sys.path.remove(str(d))
 
 
-@pytest.fixture
-def offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
-    for k in ("GAN_INCEPTION", "GAN_INCEPTION_SHA256", "GAN_METRICS_CACHE"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("GAN_INCEPTION_URL", "http://127.0.0.1:9/inception-2015-12-05.pt")
-
-
 def tiles(png, res, nrow, pad=2):
     """Split a torchvision grid PNG back into uint8 tiles [n, res, res, 3]."""
     a = np.asarray(Image.open(png).convert("RGB"))
@@ -158,7 +150,7 @@ def test_cli_end_to_end_metrics_and_images(world, tmp_path):
     assert tiles(out / "best-mem.png", 8, 4).shape[0] == 8 * 4
 
 
-def test_interp_mix_psi_tiles_are_the_right_images(world, tmp_path, monkeypatch, offline):
+def test_interp_mix_psi_tiles_are_the_right_images(world, tmp_path, monkeypatch, clean_env):
     monkeypatch.setattr(M, "find_inception", lambda *a, **k: pytest.fail("--metrics none must not look for weights"))
     ck = str(world / "run" / "ckpt" / "last.pt")
     written = E.main([ck, "--metrics", "none", "--grid", "--grid-n", "9", "--interp", "--interp-rows", "2",
@@ -181,7 +173,7 @@ def test_interp_mix_psi_tiles_are_the_right_images(world, tmp_path, monkeypatch,
     assert (g0 == g0[:1]).all() and np.abs(grid[0] - grid[1]).max() > 10  # psi=0: every latent gives one image
 
 
-def test_fake_dir(world, tmp_path, offline):
+def test_fake_dir(world, tmp_path, clean_env):
     from common.data import load_dataset
     reals = load_dataset("digits", 8).images
     noise = torch.Generator().manual_seed(0)
@@ -208,7 +200,7 @@ def test_fake_dir(world, tmp_path, offline):
         E.main(["--fake-dir", str(tmp_path / "noise"), "--metrics", "none", "--interp"])
 
 
-def test_errors_are_one_clear_line(world, tmp_path, monkeypatch, offline):
+def test_errors_are_one_clear_line(world, tmp_path, monkeypatch, clean_env):
     run = str(world / "run")
     cases = [([str(tmp_path / "nope.pt")], "does not exist"),
              ([str(world / "empty")], "holds no checkpoint"),

@@ -41,15 +41,6 @@ def write_stand_in(path):
     return str(path)
 
 
-@pytest.fixture
-def clean_env(tmp_path, monkeypatch):
-    """No weights anywhere: empty cache, no GAN_INCEPTION, downloads go to a closed local port."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    for k in ("GAN_INCEPTION", "GAN_INCEPTION_SHA256", "GAN_METRICS_CACHE"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("GAN_INCEPTION_URL", "http://127.0.0.1:9/inception-2015-12-05.pt")
-    return tmp_path
-
 
 # ----------------------------------------------------------------------------- FID
 
