@@ -865,11 +865,12 @@ def build_generator(a):
     return Generator(a["res"], a["cbase"], a["cmax"], a["map"])
 
 
-def load_for_sampling(ckpt, device):
+def load_for_sampling(ckpt, device, psi=None):
+    """The EMA generator of an insgen.py checkpoint; psi (eval.py --psi) overrides the run's --psi truncation."""
     check_method(ckpt, "insgen")
     G = build_generator(ckpt["args"]).to(device)
     G.load_state_dict(ckpt["G_ema"])
-    return Sampler(G, device, ckpt["args"].get("psi", 1.0))
+    return Sampler(G, device, float(psi) if psi is not None else ckpt["args"].get("psi", 1.0))
 
 
 def mix_grid(sampler, n=5, seed=0):

@@ -326,6 +326,7 @@ def test_smoke_resume_and_sampling(tmp_path):
     s.psi = 0.0  # truncation to w_avg: every latent gives the same image
     img0 = s.generate(z)
     assert (img0 - img0[:1]).abs().max() < 1e-5
+    assert torch.equal(I.load_for_sampling(ck, "cpu", psi=0.0).generate(z), img0)  # eval.py --psi 0
 
     # mismatched architecture and another method's checkpoint: a UserError (one 'error:' line, exit 2, from the CLI)
     with pytest.raises(UserError, match="architecture"):
