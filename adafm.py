@@ -73,6 +73,7 @@ import torch.nn.functional as F
 
 from common.data import batch_indices, infinite_batches, list_images, load_dataset, resolve_folder
 from common.ema import ema_update, make_ema
+from common.metrics import training_evaluator
 from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite,
                           check_method, count_params, load_checkpoint, log_metrics, prepare_run_dir, resolve_resume,
                           rng_state, StopOnInterrupt, save_checkpoint, save_grid, seed_everything, set_rng_state, user_errors)
@@ -618,13 +619,7 @@ def run(args):
     sampler = Sampler(G_ema, args.res, device, args.mix_block)
     fixed_z = sampler.latents(min(64, max(args.batch, 16)), seed=1234)
     progress = Progress(args.iters, step, args.log_every, dist_.is_main, args.out)
-    ev = None
-    if args.eval_every > 0 and dist_.is_main:
-        from common.metrics import Evaluator
-        ev = Evaluator(ds, device, n_gen=args.eval_n, inception=args.inception)
-        if not ev.available:
-            print(f"metrics off: {ev.reason}")
-            ev = None
+    ev = training_evaluator(ds, device, args, dist_.is_main)
 
     def save(path, step):
         if dist_.is_main:

@@ -72,6 +72,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from common.data import batch_indices, infinite_batches, load_dataset, load_image, Dataset, ImageFiles
 from common.diffaug import diff_augment
 from common.ema import ema_update, make_ema
+from common.metrics import training_evaluator
 from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite, check_method,
                           count_params, load_checkpoint, log_metrics, pick_device, prepare_run_dir, resolve_resume, rng_state,
                           StopOnInterrupt, save_checkpoint, save_grid, seed_everything, set_rng_state, user_errors)
@@ -588,13 +589,7 @@ def train(args):
         print(f"disp | {args.data} ({N} images) {args.res}px | prior {args.prior} {tuple(priors.shape)} | "
               f"G {count_params(G_raw) / 1e6:.2f}M D {count_params(D_raw) / 1e6:.2f}M params | D feature "
               f"{D_raw.feat_dim} | batch {args.batch} d_steps {args.d_steps} | betas {tuple(args.betas)}", flush=True)
-    ev = None
-    if args.eval_every > 0 and is_main:
-        from common.metrics import Evaluator
-        ev = Evaluator(ds, dev, n_gen=args.eval_n, inception=args.inception)
-        if not ev.available:
-            print(f"metrics off: {ev.reason}", flush=True)
-            ev = None
+    ev = training_evaluator(ds, dev, args, is_main)
 
     aug = (lambda x: diff_augment(x, args.diffaug)) if args.diffaug else (lambda x: x)
     batches = infinite_batches(ds, B, args.seed, start * args.d_steps, not args.no_flip, dist_.rank, dist_.world,

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 
 from common.diffaug import diff_augment
 from common.ema import ema_update, make_ema
+from common.metrics import training_evaluator
 from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite,
                           check_method, load_checkpoint, log_metrics, prepare_run_dir, resolve_resume, rng_state,
                           StopOnInterrupt, save_checkpoint, save_grid, seed_everything, set_rng_state, user_errors)
@@ -589,16 +590,7 @@ def run(args):
         G_run, D_run = DDP(G, device_ids=ids), DDP(D, device_ids=ids, find_unused_parameters=True)
     sampler = Sampler(G_ema, args.nz, device)
     fixed_z = sampler.latents(args.n_sample, args.seed + 12345)
-    evaluator = None
-    if args.eval_every > 0 and dist.is_main:
-        try:
-            from common.metrics import Evaluator
-            evaluator = Evaluator(ds, device, n_gen=args.eval_n, inception=args.inception)
-            if not evaluator.available:
-                print(f"metrics off: {evaluator.reason}", flush=True)
-                evaluator = None
-        except ImportError as e:
-            print(f"metrics off: {e}", flush=True)
+    evaluator = training_evaluator(ds, device, args, dist.is_main)
     if dist.is_main:
         print(f"fastgan: res {args.res} data {ds.name} ({len(ds)} images) G {sum(p.numel() for p in G.parameters()):,} "
               f"D {sum(p.numel() for p in D.parameters()):,} params, device {device}, world {dist.world}, out {out}", flush=True)

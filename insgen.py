@@ -67,6 +67,7 @@ import torch.nn.functional as F
 
 from common.data import infinite_batches, load_dataset
 from common.ema import ema_update, make_ema, stylegan_ema_beta
+from common.metrics import training_evaluator
 from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite,
                           check_method, load_checkpoint, log_metrics, prepare_run_dir, resolve_resume, rng_state,
                           StopOnInterrupt, save_checkpoint, save_grid, seed_everything, set_rng_state, user_errors)
@@ -974,13 +975,7 @@ def main(argv=None):
               f"insgen {'off' if m.ins is None else f'on (queue {K}, tau {TAU})'} | {d.device} x{d.world}", flush=True)
     data = infinite_batches(ds, per_rank, args.seed, start, not args.no_flip, d.rank, d.world, args.workers, d.device)
     sampler = Sampler(m.G_ema, d.device, args.psi)
-    evaluator, best = None, float("inf")
-    if args.eval_every > 0 and d.is_main:
-        from common.metrics import Evaluator
-        evaluator = Evaluator(ds, d.device, n_gen=args.eval_n, inception=args.inception)
-        if not evaluator.available:
-            print(f"metrics off: {evaluator.reason}", flush=True)
-            evaluator = None
+    evaluator, best = training_evaluator(ds, d.device, args, d.is_main), float("inf")
     prog = Progress(args.iters, start, args.log_every, d.is_main, args.out)
     z_fixed = sampler.latents(64, args.seed + 12345)
     last = dict(ckpt=os.path.join(args.out, "ckpt", "last.pt"))

@@ -429,3 +429,15 @@ class Evaluator:
 
     def __call__(self, sample_fn, seed=0):
         return self.compute(self.fake_features(sample_fn, self.n_gen, seed), ("fid", "kid"))
+
+
+def training_evaluator(ds, device, args, is_main=True):
+    """The Evaluator a training loop uses every --eval-every iterations, or None: metrics off (--eval-every 0),
+    not the main process, or no Inception weights (then one 'metrics off: <reason>' line; training goes on)."""
+    if args.eval_every <= 0 or not is_main:
+        return None
+    ev = Evaluator(ds, device, n_gen=args.eval_n, inception=args.inception)
+    if not ev.available:
+        print(f"metrics off: {ev.reason}", flush=True)
+        return None
+    return ev

@@ -122,7 +122,7 @@ def test_torchrun_ranks_share_rank0_run_dir(tmp_path):
         "d.close()\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(script)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     outs = sorted(line.split()[1:] for line in r.stdout.splitlines() if line.startswith("OUT"))
     assert r.returncode == 0, r.stderr[-2000:]
