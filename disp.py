@@ -3,7 +3,9 @@
 A conditional GAN whose condition is the feature C(x) of a real image under a frozen extractor pretrained on a
 large source domain (ImageNet VGG16 fc7, ResNet50, or SimCLR ResNet50):
 - G: ResNet generator (SNGAN-128 widths), conditional BN fed by [G_emb(C(x)) ; z_k] (BigGAN-style hierarchical z:
-  z is split into one chunk for the 4x4 linear layer and one chunk per block); gain = 1 + Linear, bias = Linear.
+  z is split into one chunk for the 4x4 linear layer and one chunk per block, as the supplementary's implementation
+  details say DISP training uses; --no-hier-z feeds all of z to the linear layer like the SNGAN reference);
+  gain = 1 + Linear, bias = Linear.
 - D: projection discriminator D(x, y) = D_emb(y) . D_f(x) + D_l(D_f(x)) (Miyato & Koyama 2018; paper Alg. 1 l.6).
 - Hinge loss, the fake conditioned on the prior of the SAME real image (Alg. 1): L_D = E[relu(1 - D(x, C(x)))] +
   E[relu(1 + D(G(z|C(x)), C(x)))], L_G = -E[D(G(z|C(x)), C(x))]; --loss ns|wgan are the Table 10 variants.
@@ -72,7 +74,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from common.data import batch_indices, infinite_batches, load_dataset, load_image, Dataset, ImageFiles
 from common.diffaug import diff_augment
 from common.ema import ema_update, make_ema
-from common.metrics import training_evaluator
+from common.metrics import dataset_fingerprint, sha256_file, training_evaluator
 from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite, check_method,
                           count_params, load_checkpoint, log_metrics, pick_device, prepare_run_dir, resolve_resume, rng_state,
                           StopOnInterrupt, save_checkpoint, save_grid, seed_everything, set_rng_state, user_errors)
@@ -108,7 +110,8 @@ def parse_args(argv=None):
     g.add_argument("--ema-beta", type=float, default=0.9999, help="EMA decay of G")
     g.add_argument("--ema-start", type=int, default=1000, help="EMA copies G before this iteration")
     g.add_argument("--diffaug", default="", help="DiffAugment policy for every D input, e.g. color,translation,cutout")
-    g.add_argument("--cr", type=float, default=0.0, help="consistency regularisation weight (paper: 10 with DiffAugment)")
+    g.add_argument("--cr", type=float, default=0.0, help="consistency regularisation weight; needs --diffaug (paper: 10 for DiffAugment runs, 1 for DISP + "
+                        "DiffAugment on CIFAR)")
     g.add_argument("--freeze-d", type=int, default=0, help="FreezeD: freeze the first N D blocks (paper: 5)")
     g.add_argument("--init-from", default=None,
                    help="TransferGAN: initialise G, D from this GAN checkpoint (tensors with matching names and shapes)")
@@ -190,14 +193,19 @@ def build_extractor(prior, layer="auto", weights="default", size=224):
     return Extractor(net, size, normalize=prior != "simclr")
 
 
-def prior_key(args, n):
-    return {"data": str(args.data), "res": args.res, "crop": args.crop, "n": n, "prior": args.prior,
-            "layer": args.prior_layer, "weights": args.prior_weights, "size": args.prior_size}
+def prior_key(args, ds):
+    """What the priors depend on: the images themselves (pixels, or paths+sizes+mtimes), extractor, layer, weights
+    (a local file by content), input size. Kept with the cache and in every checkpoint."""
+    w = args.prior_weights
+    if os.path.isfile(w):
+        w = f"{os.path.basename(w)}:{sha256_file(w)[:16]}"
+    return {"data": f"{ds.name}:{dataset_fingerprint(ds, range(len(ds)))[:16]}", "res": args.res, "n": len(ds),
+            "prior": args.prior, "layer": args.prior_layer, "weights": w, "size": args.prior_size}
 
 
 def get_priors(ds, args, device, cache_path):
     """[N, d] priors C(x) of every training image: loaded from cache_path when its key matches, else computed once."""
-    key = prior_key(args, len(ds))
+    key = prior_key(args, ds)
     if os.path.isfile(cache_path):
         c = torch.load(cache_path, map_location="cpu", weights_only=True)
         if c.get("key") == key:
@@ -221,6 +229,14 @@ def get_priors(ds, args, device, cache_path):
               f"{tuple(priors.shape)} in {dt:.1f} s (cached at {cache_path})", flush=True)
     save_checkpoint({"key": key, "priors": priors}, cache_path)
     return priors, dt
+
+
+def check_prior_key(have, want, what):
+    """A generator trained on one prior bank must not silently continue/sample with another (same shape, other data)."""
+    if have is not None and want is not None and have != want:
+        diff = ", ".join(f"{k}: {have.get(k)} vs {want.get(k)}" for k in want if have.get(k) != want.get(k))
+        raise UserError(f"{what} were made from other images or another extractor ({diff}): "
+                        "use the run's own --data/--prior flags and priors.pt, or start a new --out")
 
 
 # ----------------------------------------------------------------------------- models
@@ -474,7 +490,12 @@ def load_for_sampling(ckpt, device, **opts):
     G, _ = build_models(a, ckpt["prior_dim"])
     G.load_state_dict(ckpt["G_ema"])
     path = opts.pop("priors", None)
-    priors = load_checkpoint(path)["priors"] if path else ckpt["priors"]
+    if path:
+        c = load_checkpoint(path)
+        check_prior_key(c.get("key"), ckpt.get("prior_key"), f"the priors in {path}")
+        priors = c["priors"]
+    else:
+        priors = ckpt["priors"]
     return Sampler(G.to(device).eval(), priors, a, device, **opts)
 
 
@@ -527,6 +548,9 @@ def train(args):
         raise UserError(f"--prior-layer {args.prior_layer} is not available for {args.prior}: {PRIOR_LAYERS[args.prior]}")
     if args.freeze_d < 0 or args.freeze_d >= len(D_ARCH.get(args.res, [])):
         raise UserError(f"--freeze-d {args.freeze_d}: must be in [0, number of D blocks - 1]")
+    if args.cr and not args.diffaug:
+        raise UserError("--cr compares two DiffAugment views of the reals; without --diffaug it is 0: add e.g. "
+                        "--diffaug translation,cutout,color")
     prepare_run_dir(args, METHOD, is_main)
     seed_everything(args.seed + dist_.rank)
     ds = load_dataset(args.data, args.res, args.data_root, args.crop)
@@ -539,7 +563,7 @@ def train(args):
     dist_.barrier()
     if not is_main:
         priors, t_prior = get_priors(ds, args, dev, cache)
-    prior_dim = priors.shape[1]
+    prior_dim, key = priors.shape[1], prior_key(args, ds)
     priors_dev = priors.to(dev)
 
     G, D = build_models(args, prior_dim)
@@ -567,12 +591,16 @@ def train(args):
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"checkpoint {path} does not match these flags (--res/--ch/--prior/--max-images/--freeze-d?): "
                             f"{str(e).splitlines()[0][:150]}")
+        check_prior_key(ck.get("prior_key"), key, f"the priors of checkpoint {path}")
         start, best_fid = ck["step"], ck.get("best_fid", best_fid)
         set_rng_state(ck["rng"])
         if is_main:
             print(f"resumed from {path} at iteration {start}", flush=True)
     elif args.init_from:
         transfer_init(args.init_from, G, D, G_ema)
+    elif args.freeze_d and is_main:
+        print(f"warning: --freeze-d {args.freeze_d} without --init-from freezes randomly initialised D blocks "
+              "(FreezeD is meant for fine-tuning a pretrained GAN)", flush=True)
 
     G_raw, D_raw = G, D
     if dist_.world > 1:
@@ -583,7 +611,8 @@ def train(args):
     def ckpt_dict(step):
         return {"method": METHOD, "args": vars(args), "step": step, "G": G_raw.state_dict(), "D": D_raw.state_dict(),
                 "G_ema": G_ema.state_dict(), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
-                "rng": rng_state(), "best_fid": best_fid, "prior_dim": prior_dim, "priors": ckpt_priors}
+                "rng": rng_state(), "best_fid": best_fid, "prior_dim": prior_dim, "priors": ckpt_priors,
+                "prior_key": key}
 
     if is_main and not args.bench:
         print(f"disp | {args.data} ({N} images) {args.res}px | prior {args.prior} {tuple(priors.shape)} | "

@@ -138,9 +138,53 @@ def test_prior_cache_written_once_and_extractor_frozen(tmp_path, monkeypatch, sm
     assert (p1 >= 0).all() and p1.std() > 0  # fc7 after ReLU
     disp.get_priors(small_ds, prior_args(prior_size=40), "cpu", cache)  # other settings -> recomputed
     assert len(calls) == 2
+    other = Dataset("digits", 32, images=load_dataset("digits", 32).images[100:112])  # same count, other images
+    disp.get_priors(other, prior_args(prior_size=40), "cpu", cache)
+    assert len(calls) == 3
     # same C rebuilt from the flags (what load_for_sampling does for prior_from): identical priors
     C = real_build("vgg16", "auto", "random", 32)
     assert torch.allclose(C(small_ds.images[:4].float() / 127.5 - 1), p1[:4], atol=1e-5)
+
+
+def test_vgg16_prior_is_fc7_after_relu(small_ds):
+    """fc7 = ReLU(Linear_fc7(fc6)) with dropout off: the fc7 prior is the second FC layer's output, not fc6's."""
+    x = small_ds.images[:3].float() / 127.5 - 1
+    C6, C7 = disp.build_extractor("vgg16", "fc6", "random", 32), disp.build_extractor("vgg16", "fc7", "random", 32)
+    f6, f7 = C6(x), C7(x)  # random init is seeded: both extractors hold the same weights
+    fc7 = C7.net[3][3]
+    assert isinstance(fc7, torch.nn.Linear) and fc7.in_features == fc7.out_features == 4096
+    assert torch.allclose(f7, torch.relu(fc7(f6)), atol=1e-5) and not torch.allclose(f6, f7)
+
+
+def test_fake_is_conditioned_on_the_prior_of_the_same_real_image(tmp_path, monkeypatch):
+    """Alg. 1: in every D step, real x_i and the fake G(z | C(x_i)) are both scored with C(x_i), and C(x_i) is the
+    cached prior of that very training image (found by its pixels)."""
+    seen_g, seen_d = [], []
+    g_fwd, d_fwd = disp.Generator.forward, disp.Discriminator.forward
+
+    def spy_g(self, z, prior, *a, **k):
+        seen_g.append(prior.detach().clone())
+        return g_fwd(self, z, prior, *a, **k)
+
+    def spy_d(self, x, prior):
+        seen_d.append((x.detach().clone(), prior.detach().clone()))
+        return d_fwd(self, x, prior)
+
+    monkeypatch.setattr(disp.Generator, "forward", spy_g)
+    monkeypatch.setattr(disp.Discriminator, "forward", spy_d)
+    out = tmp_path / "alg1"
+    disp.main(SMALL + ["--iters", "1", "--no-flip", "--out", str(out)])
+    priors = load_checkpoint(str(out / "priors.pt"))["priors"]
+    data = load_dataset("digits", 32).images[:64].float().flatten(1) / 127.5 - 1
+    d_steps = [(x, p) for x, p in seen_d if len(x) == 16]  # D steps see [real; fake] (batch 8 each)
+    assert len(d_steps) == 2
+    for k, (x, p) in enumerate(d_steps):
+        real, p_real, p_fake = x[:8].flatten(1), p[:8], p[8:]
+        dist, idx = (real[:, None] - data[None]).abs().amax(-1).min(1)  # exact pixel match
+        assert dist.max() < 1e-4 and idx.unique().numel() > 1
+        assert torch.allclose(p_real, priors[idx]) and torch.equal(p_fake, p_real)
+        assert torch.equal(seen_g[k], p_real)  # the fake of this D step was generated from the same priors
+    assert torch.equal(seen_g[2], d_steps[-1][1][:8])  # G step: the last D step's priors (docstring)
 
 
 def test_baseline_one_embedding_per_image(tmp_path, small_ds):
@@ -224,7 +268,7 @@ def test_gmm_sampler_shape_and_speed():
 @pytest.fixture(scope="module")
 def run3(tmp_path_factory):
     out = tmp_path_factory.mktemp("disp3")
-    r = run(SMALL + ["--iters", "3", "--diffaug", "color,translation,cutout", "--cr", "10"], out)
+    r = run(SMALL + ["--iters", "3", "--diffaug", "color,translation,cutout", "--cr", "10", "--ema-start", "0"], out)
     return out, r
 
 
@@ -260,13 +304,22 @@ def test_three_iterations_write_checkpoint_and_samples(run3, tmp_path):
 def test_resume_continues_identically(run3, tmp_path):
     out3, _ = run3
     out = tmp_path / "r"
-    args = SMALL + ["--diffaug", "color,translation,cutout", "--cr", "10"]
+    args = SMALL + ["--diffaug", "color,translation,cutout", "--cr", "10", "--ema-start", "0"]
     run(args + ["--iters", "1"], out)
     r = run(args + ["--iters", "3", "--resume", "auto"], out)
     assert "resumed from" in r.stdout and "priors:" not in r.stdout  # prior cache reused by the resumed run
     a, b = losses(out3), losses(out)
     assert [m["iter"] for m in b] == [1, 2, 3]
     assert a == b, (a, b)
+    ca, cb = load_checkpoint(str(out3 / "ckpt" / "last.pt")), load_checkpoint(str(out / "ckpt" / "last.pt"))
+    assert all(torch.equal(ca["G_ema"][k], cb["G_ema"][k]) for k in ca["G_ema"])  # EMA (decay 0.9999) restored too
+    w = next(k for k in ca["G"] if k.endswith("weight.original"))
+    assert not torch.equal(ca["G_ema"][w], ca["G"][w])  # the EMA is a real average, not a copy of G
+    # other priors of the same shape (another extractor input size): resuming on them is refused
+    r = run(args + ["--iters", "4", "--resume", "auto", "--prior-size", "40"], out, ok=False)
+    assert r.returncode == 2 and "error: the priors of checkpoint" in r.stderr and "size: 32 vs 40" in r.stderr
+    with pytest.raises(UserError, match="other images or another extractor"):
+        disp.load_for_sampling(ca, torch.device("cpu"), priors=str(out / "priors.pt"))  # now the size-40 cache
 
 
 def test_transfer_init_and_freeze_d_with_baseline(run3, tmp_path):
@@ -292,6 +345,8 @@ def test_bad_flags_give_one_error_line(tmp_path):
     r = run(["--res", "48", "--data", "digits"], tmp_path / "x", ok=False)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "error: --res 48" in r.stderr
     assert not os.path.exists(tmp_path / "x")
+    r = run(["--data", "digits", "--cr", "10"], tmp_path / "y", ok=False)
+    assert r.returncode == 2 and "error: --cr" in r.stderr and "--diffaug" in r.stderr
 
 
 def test_learning_check(tmp_path):
