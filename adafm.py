@@ -76,7 +76,7 @@ from common.ema import ema_update, make_ema
 from common.metrics import training_evaluator
 from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite,
                           check_method, count_params, load_checkpoint, log_metrics, prepare_run_dir, resolve_resume,
-                          rng_state, StopOnInterrupt, save_checkpoint, save_grid, seed_everything, set_rng_state, user_errors)
+                          rng_state, StopOnInterrupt, save_checkpoint, save_grid, seed_everything, restore_rng, user_errors)
 
 METHOD = "adafm"
 SOURCE_URL = "https://s3.eu-central-1.amazonaws.com/avg-projects/gan_stability/models/imagenet-8c505f47.pt"
@@ -578,10 +578,8 @@ def run(args):
         G_ema.load_state_dict(ckpt["G_ema"])
         opt_G.load_state_dict(ckpt["opt_G"])
         opt_D.load_state_dict(ckpt["opt_D"])
-        set_rng_state(ckpt["rng"])
         step, best = ckpt["step"], ckpt.get("best_fid", float("inf"))
-        if dist_.rank:
-            seed_everything(args.seed + 1000 * dist_.rank + step)
+        restore_rng(ckpt["rng"], dist_.rank, args.seed, step)
         print(f"resumed from {resume} at iteration {step}")
         del ckpt
 

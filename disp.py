@@ -77,7 +77,7 @@ from common.ema import ema_update, make_ema
 from common.metrics import dataset_fingerprint, sha256_file, training_evaluator
 from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite, check_method,
                           count_params, load_checkpoint, log_metrics, pick_device, prepare_run_dir, resolve_resume, rng_state,
-                          StopOnInterrupt, save_checkpoint, save_grid, seed_everything, set_rng_state, user_errors)
+                          StopOnInterrupt, save_checkpoint, save_grid, seed_everything, restore_rng, user_errors)
 
 METHOD = "disp"
 G_ARCH = {32: [4, 4, 4, 4], 64: [16, 16, 8, 4, 2], 128: [16, 16, 8, 4, 2, 1], 256: [16, 16, 8, 8, 4, 2, 1]}  # x ch
@@ -593,7 +593,7 @@ def train(args):
                             f"{str(e).splitlines()[0][:150]}")
         check_prior_key(ck.get("prior_key"), key, f"the priors of checkpoint {path}")
         start, best_fid = ck["step"], ck.get("best_fid", best_fid)
-        set_rng_state(ck["rng"])
+        restore_rng(ck["rng"], dist_.rank, args.seed, start)
         if is_main:
             print(f"resumed from {path} at iteration {start}", flush=True)
     elif args.init_from:

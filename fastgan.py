@@ -34,7 +34,7 @@ Deviations (from the authors' code unless said)
   inputs >= 8x8); the G step runs D without D weight gradients (the authors compute and discard them); the
   spectral-norm sigma reuses the power iteration's W v; channels-last with a format-preserving GLU backward; fused Adam.
 - EMA warm-up: decay min(0.999, (1+t)/(10+t)) at iteration t (TensorFlow's num_updates rule), the authors' 0.999
-  from t = 8,991 on; without it short runs sample mostly the random init (0.999^300 = 74 % of it at t = 300).
+  from t = 8,990 on; without it short runs sample mostly the random init (0.999^300 = 74 % of it at t = 300).
   --no-ema-warmup restores the authors' schedule.
 - Eval-mode samples (BN running stats, fixed noise seed) from the EMA generator; the authors' training grids used
   train-mode BN. Resizes to 128 are nearest (F.interpolate default), as in the authors' code.
@@ -67,7 +67,7 @@ from common.ema import ema_update, make_ema
 from common.metrics import training_evaluator
 from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite,
                           check_method, load_checkpoint, log_metrics, prepare_run_dir, resolve_resume, rng_state,
-                          StopOnInterrupt, save_checkpoint, save_grid, seed_everything, set_rng_state, user_errors)
+                          StopOnInterrupt, save_checkpoint, save_grid, seed_everything, restore_rng, user_errors)
 
 METHOD = "fastgan"
 RESOLUTIONS = (32, 64, 128, 256, 512, 1024)
@@ -87,7 +87,7 @@ def parse_args(argv=None):
     g.add_argument("--policy", default="color,translation", help="DiffAugment policy ('' for none)")
     g.add_argument("--ema", type=float, default=0.999, help="EMA decay of G's parameters")
     g.add_argument("--no-ema-warmup", action="store_true",
-                   help="plain decay from iteration 1 (authors); default: min(ema, (1+t)/(10+t)), equal from t=8991")
+                   help="plain decay from iteration 1 (authors); default: min(ema, (1+t)/(10+t)), equal from t=8990")
     g.add_argument("--hinge", choices=["random", "plain"], default="random",
                    help="random: authors' margin 0.8+0.2U per logit; plain: paper eq. 3 (margin 1)")
     g.add_argument("--recon", choices=["mse", "lpips"], default="mse",
@@ -502,6 +502,9 @@ def arch_args(a):
     return {k: a[k] for k in ("res", "ngf", "ndf", "nz")}
 
 
+TRAIN_FLAGS = ("batch", "lr", "beta1", "beta2", "policy", "ema", "no_ema_warmup", "hinge", "recon")  # warned on resume
+
+
 def load_for_sampling(ckpt, device):
     a = ckpt["args"]
     G = Generator(a["res"], a["ngf"], a["nz"]).to(device)
@@ -556,6 +559,10 @@ def main(argv=None):
             return bench(args)
         if args.res not in RESOLUTIONS:
             raise UserError(f"--res {args.res} is not supported: use one of {', '.join(map(str, RESOLUTIONS))}")
+        try:
+            diff_augment(torch.zeros(1, 3, 8, 8), args.policy)  # a mistyped op fails now, not at iteration 1
+        except ValueError as e:
+            raise UserError(f"--policy {args.policy}: {e}")
         run(args)
 
 
@@ -580,7 +587,11 @@ def run(args):
         for m, k in ((G, "G"), (D, "D"), (G_ema, "G_ema"), (opt_G, "opt_G"), (opt_D, "opt_D")):
             m.load_state_dict(ck[k])
         start, best = ck["step"], ck.get("best_fid", best)
-        set_rng_state(ck["rng"])
+        restore_rng(ck["rng"], dist.rank, args.seed, start)
+        changed = [f"--{k.replace('_', '-')} {ck['args'].get(k)} -> {v}" for k, v in vars(args).items()
+                   if k in TRAIN_FLAGS and ck["args"].get(k) != v]
+        if changed and dist.is_main:
+            print(f"warning: resuming with changed training flags: {'; '.join(changed)}", flush=True)
         if dist.is_main:
             print(f"resumed from {path} at iteration {start}", flush=True)
     G_run, D_run = G, D

@@ -70,7 +70,7 @@ from common.ema import ema_update, make_ema, stylegan_ema_beta
 from common.metrics import training_evaluator
 from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite,
                           check_method, load_checkpoint, log_metrics, prepare_run_dir, resolve_resume, rng_state,
-                          StopOnInterrupt, save_checkpoint, save_grid, seed_everything, set_rng_state, user_errors)
+                          StopOnInterrupt, save_checkpoint, save_grid, seed_everything, restore_rng, user_errors)
 
 Z_DIM = W_DIM = 512
 SQRT2 = math.sqrt(2.0)
@@ -961,10 +961,7 @@ def main(argv=None):
         check_method(ck, "insgen", path)
         load_state(m, ck, path)
         start = ck["step"]
-        if d.world == 1:
-            set_rng_state(ck["rng"])
-        else:
-            seed_everything(args.seed * d.world + d.rank + 7919 * start)
+        restore_rng(ck["rng"], d.rank, args.seed, start)
     else:
         seed_everything(args.seed * d.world + d.rank)
     if d.is_main:

@@ -13,13 +13,14 @@ def diff_augment(x, policy="color,translation,cutout"):
     """Apply the comma-separated `policy` to the batch `x` (NCHW)."""
     if not policy:
         return x
+    nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     for p in policy.split(","):
         p = p.strip()
         if p not in AUGMENT_FNS:
             raise ValueError(f"unknown DiffAugment op {p!r}: use a comma list of {sorted(AUGMENT_FNS)}")
         for f in AUGMENT_FNS[p]:
             x = f(x)
-    return x.contiguous()
+    return x.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)  # keep NHWC input NHWC
 
 
 def _u(x):  # one U[0,1) draw per sample, broadcastable over CHW

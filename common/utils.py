@@ -175,6 +175,15 @@ def set_rng_state(st):
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def restore_rng(state, rank, seed, step):
+    """Resume. One process: its saved RNG state, exactly (same losses as an uninterrupted run). Under torchrun only
+    rank 0's state is saved: ranks > 0 reseed from (seed, rank, step), distinct streams per rank (not rank 0's copy),
+    reproducible, but not bit-equal to an uninterrupted multi-process run."""
+    set_rng_state(state)
+    if rank:
+        seed_everything(seed + 1000 * rank + 7919 * step)
+
+
 def check_finite(losses, step, out=None):
     """Stop with one clear line on NaN/inf instead of silently writing broken checkpoints."""
     for k, v in losses.items():

@@ -79,3 +79,14 @@ def test_policy_order_and_unknown_op():
     torch.manual_seed(1)
     b = rand_translation(rand_contrast(rand_saturation(rand_brightness(x))))
     assert torch.equal(a, b)
+
+
+def test_memory_format_is_kept():
+    """A channels-last batch stays channels-last (FastGAN trains NHWC); values equal the NCHW result."""
+    x = torch.randn(3, 3, 16, 16)
+    torch.manual_seed(0)
+    a = diff_augment(x, "color,translation,cutout")
+    torch.manual_seed(0)
+    b = diff_augment(x.contiguous(memory_format=torch.channels_last), "color,translation,cutout")
+    assert a.is_contiguous() and b.is_contiguous(memory_format=torch.channels_last) and not b.is_contiguous()
+    assert torch.allclose(a, b, atol=1e-6)

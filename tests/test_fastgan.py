@@ -105,6 +105,53 @@ def test_spectral_norm_matches_torch(transpose):
     assert abs(torch.linalg.matrix_norm(mat, 2).item() - 1) < 1e-3
 
 
+def test_glu_backward_is_exact_and_keeps_channels_last():
+    x = torch.randn(2, 6, 3, 3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(fg._GLUFn.apply, (x,))
+    xc = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = fg.GLU()(xc)
+    assert torch.equal(y, F.glu(xc, 1))
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, xc, g)
+    (ref,) = torch.autograd.grad(F.glu(xc, 1), xc, g)
+    assert torch.allclose(gx, ref, atol=1e-6) and gx.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_train_step_order_augments_detaches_and_reconstructs_reals(monkeypatch):
+    """One iteration of the authors' loop: DiffAugment on the real batch and on both fake outputs; reconstruction
+    targets are the augmented reals (3 decoders); the D step sends no gradient into G (detached fakes); the G step
+    leaves D's weights and gradients untouched."""
+    torch.manual_seed(0)
+    args = fg.parse_args(["--res", "32", "--ngf", "8", "--ndf", "8", "--batch", "4", "--channels-last", "off"])
+    G, D, opt_G, opt_D, _ = fg.build(args, torch.device("cpu"))
+    augs, targets, snap = [], [], {}
+    real_aug = fg.diff_augment
+    monkeypatch.setattr(fg, "diff_augment", lambda x, p: augs.append(real_aug(x, p)) or augs[-1])
+    real_recon = fg.recon_loss
+    monkeypatch.setattr(fg, "recon_loss", lambda r, t, p=None: targets.append(t) or real_recon(r, t, p))
+    d_step = opt_D.step
+
+    def spy_d_step(*a, **k):
+        snap["G_grads"] = [p.grad for p in G.parameters()]
+        d_step(*a, **k)
+        snap["D"] = {k: v.detach().clone() for k, v in D.named_parameters()}
+        snap["D_grads"] = [None if p.grad is None else p.grad.clone() for p in D.parameters()]
+
+    monkeypatch.setattr(opt_D, "step", spy_d_step)
+    real = torch.rand(4, 3, 32, 32) * 2 - 1
+    out = fg.train_step(G, D, opt_G, opt_D, real, args, torch.device("cpu"))
+    assert len(augs) == 3 and [a.shape[-1] for a in augs] == [32, 32, 32]  # real; to_big and to_128 fakes (both 32 px here)
+    assert (augs[0] - real).abs().mean() > 0.05  # the real batch really was augmented (color, translation)
+    assert len(targets) == 3 and targets[0] is augs[0] and targets[1] is augs[0]
+    assert sum(torch.equal(targets[2], fg.crop_part(augs[0], q)) for q in range(4)) == 1  # a quadrant of the reals
+    assert all(g is None for g in snap["G_grads"])  # D step: fakes detached, no G gradient
+    # G step: D's weights unchanged (its forward still updates BN statistics / SN vectors, as in the authors' code)
+    assert all(torch.equal(v, dict(D.named_parameters())[k]) for k, v in snap["D"].items())
+    assert all((a is None and b.grad is None) or torch.equal(a, b.grad) for a, b in zip(snap["D_grads"], D.parameters()))
+    assert all(p.grad is not None for p in G.parameters() if p.requires_grad)  # G step reached G
+    assert set(out) == {"loss_d", "loss_g", "recon", "d_real", "d_fake"} and torch.isfinite(out["recon"])
+
+
 def test_sle_hand_computed():
     """Constant weights: spectral norm of a constant m x n matrix c*1*1^T is c*sqrt(mn), exact after one power
     iteration, so conv4x4 -> 1/sqrt(2*16) per tap and conv1x1 -> 1/sqrt(2*2): x = 16*mean/sqrt(32) = sqrt(8)*mean,
@@ -260,6 +307,7 @@ def test_eval_every_keeps_best_and_runs_without_weights(tmp_path, monkeypatch):
     (["--data", "/nonexistent/folder"], "neither a folder"),
     (["--data", "EMPTY"], "no images"),
     (["--res", "48"], "not supported"),
+    (["--policy", "color,transltion"], "--policy"),
     (["--recon", "lpips", "--vgg-weights", "/nonexistent/vgg.pth", "--lpips-weights", "/nonexistent/l.pth"], "--recon mse"),
 ])
 def test_bad_input_one_clear_error(tmp_path, flags, msg):

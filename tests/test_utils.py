@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from common.utils import (Dist, Progress, StopOnInterrupt, UserError, add_common_args, check_finite, load_checkpoint, pick_device,
-                          prepare_run_dir, resolve_resume, rng_state, save_checkpoint, set_rng_state)
+                          prepare_run_dir, resolve_resume, restore_rng, rng_state, save_checkpoint, set_rng_state)
 
 
 def draws():
@@ -141,3 +141,18 @@ def test_stop_on_interrupt_defers_the_first_ctrl_c():
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_restore_rng_exact_on_rank0_distinct_on_other_ranks():
+    """Resume: rank 0 (and a single process) continue the saved stream exactly; other ranks under torchrun get their
+    own reproducible stream instead of a copy of rank 0's (same z / augmentation on every rank would waste the batch)."""
+    torch.manual_seed(5)
+    st = rng_state()
+    want = torch.rand(4)
+    draws = {}
+    for rank in (0, 1, 2, 1):
+        restore_rng(st, rank, seed=0, step=100)
+        draws.setdefault(rank, []).append(torch.rand(4))
+    assert torch.equal(draws[0][0], want)
+    assert torch.equal(draws[1][0], draws[1][1])  # reproducible
+    assert not torch.equal(draws[1][0], want) and not torch.equal(draws[1][0], draws[2][0])
