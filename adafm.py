@@ -46,12 +46,14 @@ Deviations / choices (all visible in the code):
   blocks >= --mix-block from b (samples/style_mix.png at the end; eval.py --mix [--sampler-opt mix_block=0]).
   Noise inputs are fixed (seed 0) when sampling, so samples are deterministic.
 - FID/KID (--eval-every) use common.metrics' protocol (TF Inception, all real images); the paper's FIDs used
-  torchvision's Inception on 8k real vs 8k EMA samples, so the absolute numbers are not comparable.
+  torchvision's Inception on 10,000 / 8,189 / 8,144 / 7,350 real and as many generated images (CelebA / Flowers /
+  Cars / Cathedral, appendix A), so the absolute numbers are not comparable.
 - DDP: the G loss calls the unwrapped D and the D step the unwrapped G (no-grad), and G's DDP wrapper is rebuilt
   when AdaFM switches on, so requires_grad toggling is safe; --amp is bf16 autocast; channels_last on CUDA.
 
 Run (from the repo root):
-  python adafm.py --data flowers --res 128 --source imagenet-8c505f47.pt            # the paper's "Our" (60k its)
+  python adafm.py --data flowers --res 128 --z-dim 64 --source imagenet-8c505f47.pt   # the paper's "Our" (60k its;
+                                                      z 64 for Flowers/Cars/Cathedral, the default 256 for CelebA)
   python adafm.py --mode pretrain --data digits --res 32 --nf 8 --z-dim 32 --w-dim 32 --iters 500 --out runs/src
   python adafm.py --data pokemon --res 32 --nf 8 --z-dim 32 --w-dim 32 --source runs/src/ckpt/last.pt
 Benchmark (s/iteration, batch 16, 128 px, random weights, AdaFM on, no data/source needed):

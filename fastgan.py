@@ -39,6 +39,8 @@ Deviations (from the authors' code unless said)
 - Eval-mode samples (BN running stats, fixed noise seed) from the EMA generator; the authors' training grids used
   train-mode BN. Resizes to 128 are nearest (F.interpolate default), as in the authors' code.
 - Under torchrun each process has its own BN statistics (no SyncBN) and its own random quadrant.
+- Images with transparency are composited on white (common.data); the authors' .convert('RGB') drops alpha, which
+  turns transparent areas into whatever colour the file stores there (often black).
 Run
   python fastgan.py --data shells --res 1024                       # the paper's 1024 model (GPU)
   python fastgan.py --data digits --res 32 --iters 800 --ngf 16 --ndf 16 --batch 8 --sample-every 100
@@ -49,6 +51,7 @@ Benchmark (2-core AMD EPYC, 256 px, batch 8, mse; the authors' iteration timed i
 with other jobs, and 2 OpenMP threads stall on a busy box, e.g. one BatchNorm call 0.2 ms -> 45 ms):
   2 threads, load ~1.5: authors 7.88 s, this script 5.83 s (0.74x), --amp 3.37 s (0.43x)  [before fused Adam, -0.14 s]
   OMP_NUM_THREADS=1, load ~1.3: authors 14.9 s, fp32 9.86 s (0.66x), --amp 5.74 s (0.39x)
+  2 threads, idle box (2026-11-25, --bench 6/8): fp32 4.73 s (0.58x of the authors' 8.1 s), --amp 3.00 s (0.37x)
   python eval.py runs/<run>/ckpt/best.pt ...                        # Sampler.style_mix: layout of a, SLE inputs of b
 """
 import argparse

@@ -103,6 +103,19 @@ def test_adafm_identity_hand_computed_and_fs_is_rank_one():
     torch.testing.assert_close(fs(x), conv(x))
 
 
+def test_reals_get_dequantization_noise_and_center_crop_by_default():
+    """GAN_stability data: centre crop (paper), and D sees x + U[0, 1/128) (not x itself) in the D step."""
+    assert adafm.parse_args([]).crop == "center"
+    a, G, D = target("adafm")
+    seen = []
+    D_run = lambda x, y=None: seen.append(x.detach().clone()) or D(x, y)   # noqa: E731
+    opt_G, opt_D = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    adafm.train_step(a, (G, D, G, D_run, list(D.parameters())), (opt_G, opt_D, torch.device("cpu")), x, None)
+    noise = seen[0][:4] - x
+    assert noise.min() >= 0 and noise.max() < 1 / 128 and noise.std() > 1 / 128 / 4   # uniform on [0, 1/128)
+
+
 def test_gradients_reach_gamma_beta_but_never_the_frozen_weights(tmp_path):
     G_sd, D_sd = write_authors_ckpt(tmp_path / "src.pt")
     a, G, D = target("adafm")
@@ -136,14 +149,16 @@ def test_authors_format_transfers_exactly_the_authors_layers(tmp_path):
         a, G, D = target(mode)
         rep = adafm.transfer(G, D, src_G, src_D, path)
         assert len({k.split(".")[0] for k in rep["G_loaded"]}) == g_loaded   # G4 (6 blocks + conv_img) or + head groups 0-2
-        assert not any(k.startswith(("fc", "embedding")) for k in rep["G_loaded"] + rep["D_loaded"])
+        new = {"*." + k.split(".")[-1] if k.endswith(("gamma", "beta")) else k.split(".")[0] for k in rep["G_new"]}
+        head = {"mapping", "small_fc", "small_block_0", "small_block_1", "small_norm", "scale", "shift"}
+        assert new == {"adafm": head | {"*.gamma", "*.beta"}, "fs": head | {"*.gamma", "*.beta"}, "smallhead": head,
+                       "gphead": {"fc"}, "transfergan": {"fc"}}[mode], (mode, new)
+        assert "fc.weight" in G_sd and "fc.weight" in D_sd   # same-named source fc layers exist, never transferred
         assert rep["D_new"] == ["fc.weight", "fc.bias"]
         for k in rep["G_loaded"]:
             assert torch.equal(G.state_dict()[k], G_sd[k]), k       # from `generator`, not generator_test
         for k in rep["D_loaded"]:
             assert torch.equal(D.state_dict()[k], D_sd[k]), k
-        assert all(k.endswith(("gamma", "beta")) or not k.startswith("resnet_")
-                   for k in rep["G_new"])   # only AdaFM params and the new head are new
     a, G, D = target("adafm")
     adafm.transfer(G, D, src_G, src_D, path)
     adafm.calibrate_head(G, src_G)   # rescaling: new head features get the source head's per-channel std
@@ -207,9 +222,14 @@ def test_pretrain_then_adafm_end_to_end_resume_and_switch(tmp_path):
     src = load_checkpoint(pre / "ckpt" / "last.pt")["G"]
     ck = load_checkpoint(tmp_path / "a" / "ckpt" / "last.pt")
     assert all(torch.equal(ck["G"][k], src[k]) for k in rep["G_frozen"])   # still the source values after 4 steps
+    src_D = load_checkpoint(pre / "ckpt" / "last.pt")["D"]
+    assert all(torch.equal(ck["D"][k], src_D[k]) for k in rep["D_frozen"])   # frozen D2 too (optimizer set-up)
+    assert any(not torch.equal(ck["D"][k], src_D[k]) for k in ck["D"] if k.startswith("resnet_1"))   # D1.. fine-tune
     run(common + ["--iters", "2", "--out", str(tmp_path / "b")])
     run(common + ["--iters", "4", "--out", str(tmp_path / "b"), "--resume", "auto"])
     assert metrics(tmp_path / "b") == m            # 2 + 2 resumed == 4 uninterrupted (losses and AdaFM drift)
+    ckb = load_checkpoint(tmp_path / "b" / "ckpt" / "last.pt")
+    assert all(torch.equal(ck["G_ema"][k], ckb["G_ema"][k]) for k in ck["G_ema"])   # EMA restored exactly too
     s = adafm.load_for_sampling(ck, "cpu")
     za, zb = s.latents(3, 0), s.latents(3, 1)
     img = s.generate(za)
