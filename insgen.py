@@ -37,7 +37,10 @@ Deviations / choices (vs. the paper and the authors' code):
   torchrun gradients are averaged with one flat all_reduce per phase (as NVIDIA's stylegan3 loop does) instead of
   wrapping in DistributedDataParallel, which does not combine with R1/path-length double backward and the several
   D passes per phase; MoCo keys are all-gathered before enqueueing; ADA statistics are all-reduced.
-- No fp16 layers: `--amp` runs the main passes under bf16 autocast; R1 and path-length passes stay fp32.
+- No fp16 layers: `--amp` runs the main passes under bf16 autocast; R1 and path-length passes, the InsGen heads and
+  the InfoNCE logits stay fp32.
+- Sampling: metrics (training --eval-every, eval.py) use random per-pixel noise like NVIDIA's metric code, seeded by
+  the latents so samples are reproducible; training grids use the constant noise maps (--sampler-opt noise=const).
 - Everything else (fused modconv, TF32 flags, custom CUDA kernels) is replaced by the mathematically equal
   plain-PyTorch path; conv2d_gradfix is not needed because PyTorch differentiates conv twice natively.
 
@@ -81,7 +84,7 @@ TAU, MOMENTUM, PERTURB_STD, LAMBDA_REAL, LAMBDA_FAKE, LAMBDA_G = 0.2, 0.999, 0.1
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="InsGen (StyleGAN2-ADA + instance discrimination), one file.")
-    add_common_args(p, res=256, batch=None, iters=None, lr=0.0025)
+    add_common_args(p, res=256, batch=None, iters=None, lr=None)  # lr None: 0.0025 (0.002 for auto at >= 1024 px)
     g = p.add_argument_group("algorithm specific")
     g.add_argument("--cfg", choices=["paper256", "auto"], default="paper256",
                    help="stylegan2-ada config: paper256 (batch 64, gamma 1, ema 20, 8 map layers) or auto (1-GPU heuristics)")
@@ -119,6 +122,10 @@ def resolve_cfg(args, world=1):
         if getattr(args, k) is None:
             setattr(args, k, c[k])
     args.rampup = c["rampup"]
+    if args.lr is None:
+        args.lr = 0.002 if args.cfg == "auto" and res >= 1024 else 0.0025  # cfg_specs: auto's lrate at >= 1024
+    if args.queue is not None and args.queue < 1:
+        raise UserError(f"--queue {args.queue}: the MoCo queue needs at least 1 key (leave it out for 5% of the data)")
     if args.iters is None:
         args.iters = 25000 * 1000 // args.batch  # the reference's 25,000 kimg
     return args
@@ -617,8 +624,9 @@ class Head(nn.Module):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(cin, hidden), nn.ReLU(), nn.Linear(hidden, dim))
 
-    def forward(self, feat):
-        return F.normalize(f32(self.net(feat)), dim=1)
+    def forward(self, feat):  # fp32 even under --amp: features, heads and InfoNCE logits (tau 0.2 amplifies bf16)
+        with torch.autocast(feat.device.type, enabled=False):
+            return F.normalize(self.net(f32(feat)), dim=1)
 
 
 class Queue(nn.Module):
@@ -644,8 +652,10 @@ class Queue(nn.Module):
 
 def infonce(q, k, queue, tau=TAU):
     """Eq. 4: -log exp(q.k+/tau) / (exp(q.k+/tau) + sum_i exp(q.k_i/tau)); label 0 = the positive."""
-    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue], 1) / tau
-    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, queue = q.float(), k.float(), queue.float()
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue], 1) / tau
+        return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
 class InsGenModule(nn.Module):
@@ -688,7 +698,7 @@ def build(args, device, n_data, world=1):
     m.pl_mean = torch.zeros([], device=device)
     m.ins = None
     if not args.no_insgen:
-        K = args.queue or max(1, round(0.05 * n_data * (1 if args.no_flip else 2)))
+        K = args.queue if args.queue is not None else max(1, round(0.05 * n_data * (1 if args.no_flip else 2)))
         m.ins = InsGenModule(m.D.feat_dim, K).to(device)
         m.ins.requires_grad_(False)  # heads train only in the D main phase
         m.D_ema = make_ema(m.D)
@@ -843,15 +853,27 @@ def train_step(m, args, real, step, world=1):
 # Sampling (eval.py contract)
 # ----------------------------------------------------------------------------------------------------------------
 class Sampler(SamplerBase):
-    def __init__(self, G, device, psi=1.0):
-        self.G, self.device, self.psi, self.res = G.eval(), device, psi, G.res
+    """noise 'random' (default; what NVIDIA's metrics use): per-pixel noise drawn fresh per image, seeded by the latents
+    so the same latents give the same images; 'const': the learned constant noise maps (training grids, smooth
+    interpolations: eval.py --sampler-opt noise=const)."""
+
+    def __init__(self, G, device, psi=1.0, noise="random"):
+        if noise not in ("random", "const"):
+            raise UserError(f"sampler option noise={noise}: use random or const")
+        self.G, self.device, self.psi, self.res, self.noise = G.eval(), torch.device(device), psi, G.res, noise
 
     def latents(self, n, seed):
         return torch.randn(n, Z_DIM, generator=torch.Generator().manual_seed(seed)).to(self.device)
 
     @torch.no_grad()
     def generate(self, latents):
-        return self.G(latents.to(self.device), psi=self.psi, noise_mode="const").float().clamp(-1, 1)
+        latents = latents.to(self.device)
+        if self.noise == "const":
+            return self.G(latents, psi=self.psi, noise_mode="const").float().clamp(-1, 1)
+        seed = int(torch.as_tensor(latents.float().cpu().numpy().view(np.int32)).sum()) & 0x7FFFFFFF
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return self.G(latents, psi=self.psi, noise_mode="random").float().clamp(-1, 1)
 
     @torch.no_grad()
     def style_mix(self, lat_a, lat_b, coarse=4):
@@ -866,12 +888,13 @@ def build_generator(a):
     return Generator(a["res"], a["cbase"], a["cmax"], a["map"])
 
 
-def load_for_sampling(ckpt, device, psi=None):
-    """The EMA generator of an insgen.py checkpoint; psi (eval.py --psi) overrides the run's --psi truncation."""
+def load_for_sampling(ckpt, device, psi=None, noise="random"):
+    """The EMA generator of an insgen.py checkpoint; psi (eval.py --psi) overrides the run's --psi truncation;
+    noise (eval.py --sampler-opt noise=const) picks the noise inputs (see Sampler)."""
     check_method(ckpt, "insgen")
     G = build_generator(ckpt["args"]).to(device)
     G.load_state_dict(ckpt["G_ema"])
-    return Sampler(G, device, float(psi) if psi is not None else ckpt["args"].get("psi", 1.0))
+    return Sampler(G, device, float(psi) if psi is not None else ckpt["args"].get("psi", 1.0), noise)
 
 
 def mix_grid(sampler, n=5, seed=0):
@@ -887,10 +910,10 @@ def mix_grid(sampler, n=5, seed=0):
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------
-def state_dict(m, args, step):
+def state_dict(m, args, step, best=float("inf")):
     ck = {"method": "insgen", "args": vars(args), "step": step, "G": m.G.state_dict(), "D": m.D.state_dict(),
           "G_ema": m.G_ema.state_dict(), "opt_G": m.opt_G.state_dict(), "opt_D": m.opt_D.state_dict(),
-          "pl_mean": m.pl_mean.cpu(), "rng": rng_state()}
+          "pl_mean": m.pl_mean.cpu(), "rng": rng_state(), "best_fid": best}
     if m.ada is not None:
         ck["ada"] = {"p": m.aug.p, "acc": m.ada.acc.cpu(), "rt": m.ada.rt}
     if m.ins is not None:
@@ -899,6 +922,10 @@ def state_dict(m, args, step):
 
 
 def load_state(m, ck, path):
+    dropped = [k for k, have in (("ins", m.ins), ("ada", m.ada)) if k in ck and have is None]
+    if dropped:
+        raise UserError(f"checkpoint {path} trains with {' and '.join(dropped).replace('ins', 'InsGen').replace('ada', 'ADA')}; "
+                        "resuming without would silently drop that state: remove --no-insgen / --aug noaug, or start a new --out")
     try:
         m.G.load_state_dict(ck["G"])
         m.D.load_state_dict(ck["D"])
@@ -954,13 +981,13 @@ def main(argv=None):
         return bench(args, d, ds)
     prepare_run_dir(args, "insgen", d.is_main)
     m = build(args, d.device, len(ds), d.world)
-    start = 0
+    start, best = 0, float("inf")
     path = resolve_resume(args)
     if path:
         ck = load_checkpoint(path, map_location=d.device)
         check_method(ck, "insgen", path)
         load_state(m, ck, path)
-        start = ck["step"]
+        start, best = ck["step"], ck.get("best_fid", best)
         restore_rng(ck["rng"], d.rank, args.seed, start)
     else:
         seed_everything(args.seed * d.world + d.rank)
@@ -971,8 +998,9 @@ def main(argv=None):
               f" D {sum(p.numel() for p in m.D.parameters()):,} params | aug {args.aug} | "
               f"insgen {'off' if m.ins is None else f'on (queue {K}, tau {TAU})'} | {d.device} x{d.world}", flush=True)
     data = infinite_batches(ds, per_rank, args.seed, start, not args.no_flip, d.rank, d.world, args.workers, d.device)
-    sampler = Sampler(m.G_ema, d.device, args.psi)
-    evaluator, best = training_evaluator(ds, d.device, args, d.is_main), float("inf")
+    sampler = Sampler(m.G_ema, d.device, args.psi, noise="const")  # grids: fixed latents and noise, comparable over time
+    eval_sampler = Sampler(m.G_ema, d.device, args.psi)  # metrics: random noise, as NVIDIA's metric code
+    evaluator = training_evaluator(ds, d.device, args, d.is_main)
     prog = Progress(args.iters, start, args.log_every, d.is_main, args.out)
     z_fixed = sampler.latents(64, args.seed + 12345)
     last = dict(ckpt=os.path.join(args.out, "ckpt", "last.pt"))
@@ -996,17 +1024,17 @@ def main(argv=None):
             if d.is_main and (step % args.sample_every == 0 or step == args.iters):
                 write_samples(step)
             if evaluator is not None and step % args.eval_every == 0:
-                r = evaluator(lambda n, seed: sampler.sample(n, seed))
+                r = evaluator(lambda n, seed: eval_sampler.sample(n, seed))
                 log_metrics(args.out, {"iter": step, **r})
                 print(f"eval it {step}: fid {r['fid']:.2f} kid {r['kid']:.4f} ({r['protocol']})", flush=True)
                 if r["fid"] < best:
                     best = r["fid"]
-                    save_checkpoint(state_dict(m, args, step), os.path.join(args.out, "ckpt", "best.pt"))
+                    save_checkpoint(state_dict(m, args, step, best), os.path.join(args.out, "ckpt", "best.pt"))
             if d.is_main and (step % args.ckpt_every == 0 or step == args.iters):
-                save_checkpoint(state_dict(m, args, step), last["ckpt"])
+                save_checkpoint(state_dict(m, args, step, best), last["ckpt"])
             if stop.requested:
                 if d.is_main:
-                    save_checkpoint(state_dict(m, args, step), last["ckpt"])
+                    save_checkpoint(state_dict(m, args, step, best), last["ckpt"])
                     print(f"interrupted at iteration {step}: saved {last['ckpt']}", flush=True)
                 d.close()
                 sys.exit(130)

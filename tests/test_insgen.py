@@ -59,6 +59,11 @@ def test_cfg_table():
     assert a.gamma == 3 and a.batch == 8 and a.ema == pytest.approx(5.0)  # ema from the cfg batch, as in train.py
     with pytest.raises(UserError):
         I.resolve_cfg(I.parse_args(["--res", "48"]))
+    assert a.lr == 0.0025 and I.resolve_cfg(I.parse_args(["--cfg", "auto", "--res", "1024"])).lr == 0.002  # cfg_specs
+    assert I.resolve_cfg(I.parse_args(["--cfg", "paper256", "--res", "1024"])).lr == 0.0025
+    assert I.resolve_cfg(I.parse_args(["--res", "1024", "--lr", "0.01"])).lr == 0.01
+    with pytest.raises(UserError, match="--queue 0"):
+        I.resolve_cfg(I.parse_args(["--queue", "0"]))
 
 
 def test_equalized_lr_layers_hand_computed():
@@ -316,8 +321,10 @@ def test_smoke_resume_and_sampling(tmp_path):
     assert all(k in a[0] for k in ("cl_G", "cl_real", "cl_fake"))
 
     ck = torch.load(os.path.join(full, "ckpt", "last.pt"), weights_only=True)
-    assert ck["method"] == "insgen" and ck["step"] == 6 and ck["ins"]["real_q.ptr"].item() == (6 * 4) % ck["ins"]["real_q.keys"].shape[1]
-    s = I.load_for_sampling(ck, "cpu")
+    K = ck["ins"]["real_q.keys"].shape[1]
+    assert ck["method"] == "insgen" and ck["step"] == 6 and ck["ins"]["real_q.ptr"].item() == (6 * 4) % K
+    assert ck["ins"]["fake_q.ptr"].item() == (6 * 4) % K  # one enqueue per iteration (D phase only, not G's)
+    s = I.load_for_sampling(ck, "cpu", noise="const")
     z = s.latents(5, seed=3)
     assert torch.equal(z, s.latents(5, seed=3))
     img = s.generate(z)
@@ -326,7 +333,22 @@ def test_smoke_resume_and_sampling(tmp_path):
     s.psi = 0.0  # truncation to w_avg: every latent gives the same image
     img0 = s.generate(z)
     assert (img0 - img0[:1]).abs().max() < 1e-5
-    assert torch.equal(I.load_for_sampling(ck, "cpu", psi=0.0).generate(z), img0)  # eval.py --psi 0
+    assert torch.equal(I.load_for_sampling(ck, "cpu", psi=0.0, noise="const").generate(z), img0)  # eval.py --psi 0
+    # metrics sampler (default): random per-pixel noise, reproducible for the same latents
+    r = I.load_for_sampling(ck, "cpu")
+    img_r = r.generate(z)
+    assert torch.equal(img_r, r.generate(z)) and not torch.equal(img_r, img)
+    torch.manual_seed(0)
+    assert torch.equal(r.generate(z), img_r)  # independent of the global RNG state, which it leaves as it was
+    r.psi = 0.0
+    same_w = r.generate(z)
+    assert 0 < (same_w - same_w[:1]).abs().max()  # one w for all, but each image its own noise draw
+    with pytest.raises(UserError, match="noise"):
+        I.load_for_sampling(ck, "cpu", noise="bogus")
+    # an InsGen + ADA checkpoint resumed as plain StyleGAN2 would silently drop heads, queues and p: refused
+    with pytest.raises(UserError, match="InsGen"):
+        I.main(common + ["--iters", "7", "--out", str(tmp_path / "w"), "--resume", os.path.join(full, "ckpt", "last.pt"),
+                         "--no-insgen"])
 
     # mismatched architecture and another method's checkpoint: a UserError (one 'error:' line, exit 2, from the CLI)
     with pytest.raises(UserError, match="architecture"):
