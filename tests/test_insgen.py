@@ -197,6 +197,40 @@ def test_augment_geometry_and_identity():
     assert y.shape == xr.shape and (y - xr).abs().mean() > 0.3
 
 
+def test_ada_colour_op_statistics():
+    """bgc colour ops on a constant pure-chroma image x = (0.5, -0.5, 0), read at the 4x4 centre (geometric ops move
+    the centre by a few pixels only, and a constant image stays constant there; near the border NVIDIA's pipeline
+    samples zeros beyond its capped padding):
+    luma(out) = +-c*b*sqrt(3) with b ~ N(0, 0.2) (brightness), c = 2^N(0, 0.5) (contrast) -> E[(luma/sqrt 3)^2] =
+    0.04 * exp(ln(2)^2 / 2) = 0.0509; |chroma(out)| / |chroma(x)| = c * s with s = 2^N(0, 1) (saturation) -> log2 has
+    std sqrt(0.25 + 1) = 1.118; hue rotation is uniform. At p = 0.5 brightness is skipped (luma exactly 0) for half."""
+    pipe, n = I.AugmentPipe(), 4000
+    x = torch.tensor([0.5, -0.5, 0.0])[None, :, None, None].expand(n, 3, 16, 16).contiguous()
+    v = torch.ones(3) / math.sqrt(3)
+
+    def split(out):
+        rgb = out[..., 6:10, 6:10].mean((2, 3))
+        luma = rgb @ v
+        chroma = rgb - luma[:, None] * v
+        return luma, chroma
+
+    torch.manual_seed(0)
+    pipe.p = 1.0
+    out = pipe(x)
+    centre = out[..., 6:10, 6:10]
+    assert (centre - centre.mean((2, 3), keepdim=True)).abs().max() < 1e-3  # constant there: geometry did not leak in
+    luma, chroma = split(out)
+    assert (luma / math.sqrt(3)).pow(2).mean().item() == pytest.approx(0.04 * math.exp(math.log(2) ** 2 / 2), rel=0.1)
+    ratio = torch.log2(chroma.norm(dim=1) / (0.5 * math.sqrt(2)))
+    assert ratio.mean().abs() < 0.06 and ratio.std().item() == pytest.approx(math.sqrt(1.25), abs=0.06)
+    c0 = torch.tensor([0.5, -0.5, 0.0])
+    ang = torch.atan2((torch.linalg.cross(c0.expand(n, 3), chroma) @ v), chroma @ c0)  # hue angle vs the input
+    assert ang.abs().mean().item() == pytest.approx(math.pi / 2, abs=0.08)  # uniform on (-pi, pi): E|angle| = pi/2
+    pipe.p = 0.5
+    luma, _ = split(pipe(x))
+    assert (luma.abs() < 1e-6).float().mean().item() == pytest.approx(0.5, abs=0.04)
+
+
 def test_ada_p_moves_up_when_d_overfits_and_down_otherwise():
     pipe = I.AugmentPipe()
     ada = I.ADA(pipe, target=0.6, kimg=500)
