@@ -1,5 +1,6 @@
 """Tests of disp.py (DISP, Mangla et al. WACV 2022). CPU only; random-init extractors through the real code path."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -66,6 +67,20 @@ def test_projection_discriminator_hand_computed():
     # sample 1: D_emb(y) = [1, 1/3, 0, 0] . [0, 0, 1, 0] = 0; D_l = 0.8*1 + 0.5 = 1.3
     out = D(torch.zeros(2, 3, 32, 32), y)
     assert torch.allclose(out, torch.tensor([13.3, 1.3]), atol=1e-4), out
+
+
+def test_losses_hand_computed():
+    """Alg. 1 hinge and the supplementary's Table 10 variants on hand-picked logits."""
+    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.5])
+    # hinge: mean(relu(1 - real)) + mean(relu(1 + fake)) = (0 + 0.5 + 2) / 3 + (0 + 1 + 2.5) / 3 = 2.0
+    assert disp.d_loss(real, fake, "hinge").item() == pytest.approx(2.0)
+    assert disp.g_loss(fake, "hinge").item() == pytest.approx(0.5 / 3)  # -mean(fake)
+    sp = lambda t: math.log1p(math.exp(t))  # noqa: E731 (softplus)
+    ns = (sp(-2) + sp(-0.5) + sp(1)) / 3 + (sp(-2) + sp(0) + sp(1.5)) / 3
+    assert disp.d_loss(real, fake, "ns").item() == pytest.approx(ns, rel=1e-6)
+    assert disp.g_loss(fake, "ns").item() == pytest.approx((sp(2) + sp(0) + sp(-1.5)) / 3, rel=1e-6)
+    assert disp.d_loss(real, fake, "wgan").item() == pytest.approx(-0.5 / 3 - 0.5)
+    assert disp.g_loss(fake, "wgan").item() == pytest.approx(0.5 / 3)
 
 
 def test_conditional_bn_hand_computed():
