@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 from common.data import batch_indices, infinite_batches, load_dataset, load_image, Dataset, ImageFiles
-from common.diffaug import diff_augment
+from common.diffaug import check_policy, diff_augment
 from common.ema import ema_update, make_ema
 from common.metrics import dataset_fingerprint, sha256_file, training_evaluator
 from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite, check_method,
@@ -539,11 +539,7 @@ def train(args):
     B = dist_.per_rank_batch(args.batch)
     if args.res not in G_ARCH:
         raise UserError(f"--res {args.res} is not supported by disp.py: use one of {sorted(G_ARCH)}")
-    if args.diffaug:
-        try:
-            diff_augment(torch.zeros(1, 3, 8, 8), args.diffaug)  # unknown op -> error now, not at iteration 1
-        except ValueError as e:
-            raise UserError(f"--diffaug {args.diffaug}: {e}")
+    check_policy(args.diffaug, "--diffaug")
     if args.prior != "none" and args.prior_layer not in ["auto"] + PRIOR_LAYERS[args.prior]:
         raise UserError(f"--prior-layer {args.prior_layer} is not available for {args.prior}: {PRIOR_LAYERS[args.prior]}")
     if args.freeze_d < 0 or args.freeze_d >= len(D_ARCH.get(args.res, [])):

@@ -65,7 +65,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.diffaug import diff_augment
+from common.diffaug import check_policy, diff_augment
 from common.ema import ema_update, make_ema
 from common.metrics import training_evaluator
 from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite,
@@ -562,10 +562,7 @@ def main(argv=None):
             return bench(args)
         if args.res not in RESOLUTIONS:
             raise UserError(f"--res {args.res} is not supported: use one of {', '.join(map(str, RESOLUTIONS))}")
-        try:
-            diff_augment(torch.zeros(1, 3, 8, 8), args.policy)  # a mistyped op fails now, not at iteration 1
-        except ValueError as e:
-            raise UserError(f"--policy {args.policy}: {e}")
+        check_policy(args.policy, "--policy")
         run(args)
 
 

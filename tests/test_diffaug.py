@@ -90,3 +90,12 @@ def test_memory_format_is_kept():
     b = diff_augment(x.contiguous(memory_format=torch.channels_last), "color,translation,cutout")
     assert a.is_contiguous() and b.is_contiguous(memory_format=torch.channels_last) and not b.is_contiguous()
     assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_check_policy_names_the_bad_op():
+    from common.diffaug import check_policy
+    from common.utils import UserError
+    check_policy("", "--policy")
+    check_policy("color, translation,cutout", "--policy")
+    with pytest.raises(UserError, match=r"--diffaug color,flip: unknown DiffAugment op\(s\) flip: use a comma list"):
+        check_policy("color,flip", "--diffaug")
