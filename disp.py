@@ -203,9 +203,9 @@ def prior_key(args, ds):
             "prior": args.prior, "layer": args.prior_layer, "weights": w, "size": args.prior_size}
 
 
-def get_priors(ds, args, device, cache_path):
+def get_priors(ds, args, device, cache_path, key=None):
     """[N, d] priors C(x) of every training image: loaded from cache_path when its key matches, else computed once."""
-    key = prior_key(args, ds)
+    key = key or prior_key(args, ds)
     if os.path.isfile(cache_path):
         c = torch.load(cache_path, map_location="cpu", weights_only=True)
         if c.get("key") == key:
@@ -553,13 +553,13 @@ def train(args):
     if args.max_images and args.max_images < len(ds):
         ds = (Dataset(ds.name, ds.res, images=ds.images[:args.max_images]) if ds.images is not None else
               Dataset(ds.name, ds.res, files=ImageFiles(ds.files.paths[:args.max_images], ds.res, args.crop)))
-    N, cache = len(ds), os.path.join(args.out, "priors.pt")
+    N, cache, key = len(ds), os.path.join(args.out, "priors.pt"), prior_key(args, ds)  # key: hashes the images once
     if is_main:
-        priors, t_prior = get_priors(ds, args, dev, cache)
+        priors, t_prior = get_priors(ds, args, dev, cache, key)
     dist_.barrier()
     if not is_main:
-        priors, t_prior = get_priors(ds, args, dev, cache)
-    prior_dim, key = priors.shape[1], prior_key(args, ds)
+        priors, t_prior = get_priors(ds, args, dev, cache, key)
+    prior_dim = priors.shape[1]
     priors_dev = priors.to(dev)
 
     G, D = build_models(args, prior_dim)

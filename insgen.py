@@ -922,9 +922,9 @@ def state_dict(m, args, step, best=float("inf")):
 
 
 def load_state(m, ck, path):
-    dropped = [k for k, have in (("ins", m.ins), ("ada", m.ada)) if k in ck and have is None]
+    dropped = [name for k, name, have in (("ins", "InsGen", m.ins), ("ada", "ADA", m.ada)) if k in ck and have is None]
     if dropped:
-        raise UserError(f"checkpoint {path} trains with {' and '.join(dropped).replace('ins', 'InsGen').replace('ada', 'ADA')}; "
+        raise UserError(f"checkpoint {path} trains with {' and '.join(dropped)}; "
                         "resuming without would silently drop that state: remove --no-insgen / --aug noaug, or start a new --out")
     try:
         m.G.load_state_dict(ck["G"])
