@@ -9,7 +9,11 @@ Implemented (one file): source GP-GAN G/D (G 100,535,747 / D 108,260,776 params 
 G = mapping(8 x Linear+LReLU) + fc(z) + two style blocks (4->8->16, AdaIN + noise + shortcut) + per-channel rescaling
 + frozen G4 with AdaFM on its 12 3x3 convs (860,160 params); target D = frozen D2 + source groups 1-5 (fine-tuned) +
 new fc(16384 -> 1). Non-saturating loss + R1 (10 * E||dD(x)/dx||^2), Adam(1e-4, betas (0, 0.99)), batch 16,
-EMA 0.999, 60k iterations, AdaFM gamma/beta trained only from iteration --adafm-start (10k).
+EMA 0.999, 60k iterations, AdaFM gamma/beta trained only from iteration --adafm-start (10k). As in the authors'
+train loop (GANTransferLimitedData, Flower_[h]our.py + gan_training/train.py) each iteration runs the G step first
+and then the D step on that G step's fakes, detached (one z per iteration; --step-order). The generator has no
+BatchNorm (GP-GAN blocks have none; the head uses InstanceNorm and LayerNorm, per sample, no running stats), so EMA
+samples do not depend on batch statistics and the EMA copies parameters only.
 --mode (the paper's comparisons): adafm (Fig. 1(h), default) | fs (filter selection: gamma, beta in R^{C_out}) |
   smallhead (Fig. 1(g), no AdaFM) | gphead (Fig. 1(f): frozen G4D2 + the source's own head, trainable) |
   transfergan (source architecture, everything fine-tuned) | scratch (Fig. 1(h) architecture, random init, all
@@ -35,26 +39,42 @@ Deviations / choices (all visible in the code):
   w_c init ~1000): --head-scale auto (default) sets w_c / b_c to the per-channel std / mean of the SOURCE head's
   16x16 features (32 random z), so any source (official or --mode pretrain) is fed at its own scale; a number sets
   w_c to it and b_c = 0 (e.g. 1000 for the authors' constant). Without a source (scratch) auto means 1.
-- The head uses plain nn.Linear/ConvTranspose layers (no StyleGAN equalized learning rate); the mapping gets He init
-  (LReLU 0.2) so w depends on z at init. Our head has 25,185,792 params, one fewer than the count reported for the
-  authors' code (25,185,793); the source of that one parameter could not be checked offline.
+- The head uses plain nn.Linear/ConvTranspose layers, as the authors' code does (its equal_lr is a no-op). The 8
+  mapping linears and the AdaIN style linears are initialised as the authors' EqualLinear, weight N(0, 0.1^2) and
+  bias 0 (AdaIN bias then 1 / 0), with the std scaled by sqrt(256 / w_dim) so that narrow --w-dim keeps the same
+  per-layer gain (exactly 0.1 at the paper's 256). At init (z, w 256) this gives w RMS ~2.8 and AdaIN gamma std ~4.4,
+  as the authors' module does; --style-init he restores our earlier choice (He mapping, PyTorch-default AdaIN: w RMS
+  ~1.05, gamma std ~0.6). AdaIN's value is gamma * IN(x) + beta, but like the authors we send the gradient to x
+  through clamp(gamma, -1, 1) (gamma itself gets the full gradient); this is not switchable.
+  Our head has 25,185,792 params; the authors' count of 25,185,793 has one more because their G also holds an unused
+  label embedding `small_embedding` = nn.Embedding(1, 1) (Flowers.yaml embed_size 1; its output is never used).
+- Step order (--step-order): g_first (default for every target mode, AdaFM code): G step, then the D step on the
+  G step's detached fakes (generated before the G update). d_first (default for --mode pretrain, GAN_stability's
+  train.py): D step on fresh fakes, then the G step on a new z. The EMA update follows both steps (the authors
+  update it between them; the D step does not touch G, so it is the same).
 - scratch uses plain convs (AdaFM on trainable filters is redundant). fs/adafm's gamma/beta start at 1/0.
 - Real data: --crop center (paper), random flip, + U[0, 1/128) dequantization noise (GAN_stability).
 - --mode pretrain uses GAN_stability's RMSprop(lr, alpha 0.99, eps 1e-8) and batch 128 by default; the official
   --iters stays 60000 (set it for your source dataset). Real and fake go through D as one batch (no BN, same result).
 - Style mixing (Fig. 12): the fc input z and the styles of blocks < --mix-block come from sample a, the styles of
   blocks >= --mix-block from b (samples/style_mix.png at the end; eval.py --mix [--sampler-opt mix_block=0]).
-  Noise inputs are fixed (seed 0) when sampling, so samples are deterministic.
+  Sampling noise: during training the noise maps are fresh torch.randn; when sampling, every sample's maps come
+  from its own generator seeded by a hash of its latent (common.utils.per_sample_noise), so an image is a function
+  of its latent alone: the same with any batch size (SamplerBase.sample chunks) and no two samples share a noise
+  map. A conditional source (--mode pretrain --labels auto) is sampled with class = latent hash mod nlabels.
 - FID/KID (--eval-every) use common.metrics' protocol (TF Inception, all real images); the paper's FIDs used
   torchvision's Inception on 10,000 / 8,189 / 8,144 / 7,350 real and as many generated images (CelebA / Flowers /
   Cars / Cathedral, appendix A), so the absolute numbers are not comparable.
-- DDP: the G loss calls the unwrapped D and the D step the unwrapped G (no-grad), and G's DDP wrapper is rebuilt
+- DDP: the G loss calls the unwrapped D and the d_first D step the unwrapped G (no-grad), and G's DDP wrapper is rebuilt
   when AdaFM switches on, so requires_grad toggling is safe; --amp is bf16 autocast; channels_last on CUDA.
 
 Run (from the repo root):
   python adafm.py --data flowers --res 128 --z-dim 64 --source imagenet-8c505f47.pt   # the paper's "Our" (60k its;
                                                       z 64 for Flowers/Cars/Cathedral, the default 256 for CelebA)
   python adafm.py --mode pretrain --data digits --res 32 --nf 8 --z-dim 32 --w-dim 32 --iters 500 --out runs/src
+    (a plumbing check, not a trained source: samples/ show the EMA G, which after 500 iterations at --ema 0.999 is
+    still 0.999^500 = 61% the initial G (flat tinted squares); the raw G after 300-700 iterations matches the
+    digits' brightness but is one collapsed stroke shape, not digits)
   python adafm.py --data pokemon --res 32 --nf 8 --z-dim 32 --w-dim 32 --source runs/src/ckpt/last.pt
 Benchmark (s/iteration, batch 16, 128 px, random weights, AdaFM on, no data/source needed):
   for m in adafm scratch transfergan; do python adafm.py --bench 3 --mode $m; done
@@ -77,8 +97,9 @@ from common.data import batch_indices, infinite_batches, list_images, load_datas
 from common.ema import ema_update, make_ema
 from common.metrics import training_evaluator
 from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite,
-                          check_method, count_params, load_checkpoint, log_metrics, prepare_run_dir, resolve_resume,
-                          rng_state, StopOnInterrupt, save_checkpoint, save_grid, seed_everything, restore_rng, user_errors)
+                          check_method, count_params, latent_seeds, load_checkpoint, log_metrics, per_sample_noise,
+                          prepare_run_dir, resolve_resume, rng_state, StopOnInterrupt, save_checkpoint, save_grid,
+                          seed_everything, restore_rng, user_errors)
 
 METHOD = "adafm"
 SOURCE_URL = "https://s3.eu-central-1.amazonaws.com/avg-projects/gan_stability/models/imagenet-8c505f47.pt"
@@ -117,6 +138,12 @@ def parse_args(argv=None):
     g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the generator used for samples/eval")
     g.add_argument("--head-scale", default="auto", help="init of the per-channel rescaling w_c: auto (source feature "
                    "std/mean; 1 without a source) or a number (authors: ~1000 for the ImageNet source)")
+    g.add_argument("--step-order", choices=["auto", "g_first", "d_first"], default="auto",
+                   help="g_first: G step, then the D step on that step's detached fakes (AdaFM code); d_first: D step "
+                   "on fresh fakes, then the G step on new z (GAN_stability); auto: d_first for pretrain, else g_first")
+    g.add_argument("--style-init", choices=["authors", "he"], default="authors",
+                   help="init of the mapping and AdaIN style linears: authors = N(0, std 0.1 * sqrt(256 / w_dim)) "
+                   "(exactly the authors' 0.1 at w_dim 256), bias 0; he = He-init mapping + PyTorch-default AdaIN")
     g.add_argument("--mix-block", type=int, default=1, help="style mixing: style blocks >= this take sample b's style")
     g.add_argument("--style-mix", type=int, default=5,
                    help="write samples/style_mix.png (N x N, paper Fig. 12) at the end; 0 = off")
@@ -165,41 +192,64 @@ class ResnetBlock(nn.Module):
         return xs + 0.1 * self.conv_1(actvn(self.conv_0(actvn(x))))
 
 
-class AdaIN(nn.Module):
-    """InstanceNorm (no affine), then gamma * x + beta with [gamma, beta] = Linear(w), bias init gamma=1, beta=0."""
+def style_linear(fin, fout, init, w_dim):
+    """Linear of the mapping / AdaIN. init 'authors': weight N(0, std 0.1 * sqrt(256 / w_dim)), bias 0 (the authors'
+    EqualLinear: N(0, 0.1), their equal_lr being a no-op, at style_dim 256); 'he': He (LReLU 0.2), bias 0;
+    'torch': PyTorch's default."""
+    lin = nn.Linear(fin, fout)
+    if init == "authors":
+        nn.init.normal_(lin.weight, 0.0, 0.1 * math.sqrt(256 / w_dim))
+    elif init == "he":
+        nn.init.kaiming_normal_(lin.weight, a=0.2, nonlinearity="leaky_relu")
+    if init != "torch":
+        nn.init.zeros_(lin.bias)
+    return lin
 
-    def __init__(self, c, w_dim):
+
+class AdaIN(nn.Module):
+    """InstanceNorm (no affine), then gamma * x + beta with [gamma, beta] = Linear(w), bias init gamma=1, beta=0.
+    As in the authors' code the value is exactly that, but the gradient reaching x goes through clamp(gamma, -1, 1)
+    (gamma itself gets the full gradient): gc * n + n.detach() * (gamma - gc) + beta, gc = clamp(gamma, -1, 1)."""
+
+    def __init__(self, c, w_dim, init="authors"):
         super().__init__()
-        self.style = nn.Linear(w_dim, 2 * c)
-        self.style.bias.data[:c].fill_(1.0)
-        self.style.bias.data[c:].zero_()
+        self.style = style_linear(w_dim, 2 * c, "torch" if init == "he" else init, w_dim)
+        with torch.no_grad():
+            self.style.bias[:c].fill_(1.0)
+            self.style.bias[c:].zero_()
 
     def forward(self, x, w):
         gamma, beta = self.style(w)[:, :, None, None].chunk(2, 1)
-        return gamma * F.instance_norm(x) + beta
+        n = F.instance_norm(x)
+        gc = gamma.clamp(-1.0, 1.0)
+        return gc * n + n.detach() * (gamma - gc) + beta
 
 
 class Noise(nn.Module):
-    """x + weight_c * N(0, 1)[B, 1, H, W]; weight init 0.1 * N(0, 1) per channel."""
+    """x + weight_c * N(0, 1)[B, 1, H, W]; weight init 0.1 * N(0, 1) per channel. The maps come from torch.randn
+    (training) or, when set, from `self.noise_source(x)` (the Sampler's per-sample noise, common.utils)."""
+    noise_source = None
 
     def __init__(self, c):
         super().__init__()
         self.weight = nn.Parameter(0.1 * torch.randn(1, c, 1, 1))
 
     def forward(self, x):
+        if self.noise_source is not None:
+            return x + self.weight * self.noise_source(x)
         return x + self.weight * torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
 
 
 class StyleBlock(nn.Module):
     """Style block with shortcut (Fig. 1(c)): up2(x) + 0.1 * AdaIN(noise(conv3(lrelu(AdaIN(noise(convT(lrelu(x))))))))."""
 
-    def __init__(self, cin, cout, w_dim):
+    def __init__(self, cin, cout, w_dim, init="authors"):
         super().__init__()
         self.shortcut = nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False)
         self.up = nn.ConvTranspose2d(cin, cout, 4, 2, 1)
-        self.noise_0, self.adain_0 = Noise(cout), AdaIN(cout, w_dim)
+        self.noise_0, self.adain_0 = Noise(cout), AdaIN(cout, w_dim, init)
         self.conv = nn.Conv2d(cout, cout, 3, padding=1)
-        self.noise_1, self.adain_1 = Noise(cout), AdaIN(cout, w_dim)
+        self.noise_1, self.adain_1 = Noise(cout), AdaIN(cout, w_dim, init)
 
     def forward(self, x, w):
         h = self.adain_0(self.noise_0(self.up(actvn(x))), w)
@@ -211,7 +261,8 @@ class Generator(nn.Module):
     """head='gp': the GP-GAN generator ([label embedding,] fc, groups 0-5, conv_img); head='style': the small head
     (Fig. 1(g,h)) in front of groups 3-5 + conv_img, whose 3x3 convs are AdaFM/FS-modulated when mod is set."""
 
-    def __init__(self, res, nf=64, z_dim=256, head="style", mod=None, nlabels=0, embed_dim=256, w_dim=256):
+    def __init__(self, res, nf=64, z_dim=256, head="style", mod=None, nlabels=0, embed_dim=256, w_dim=256,
+                 style_init="authors"):
         super().__init__()
         s0 = self.s0 = res // 32
         self.nf, self.z_dim, self.head, self.nlabels = nf, z_dim, head, nlabels
@@ -222,13 +273,11 @@ class Generator(nn.Module):
         else:
             layers = []
             for i in range(8):
-                layers += [nn.Linear(z_dim if i == 0 else w_dim, w_dim), nn.LeakyReLU(0.2)]
-                nn.init.kaiming_normal_(layers[-2].weight, a=0.2, nonlinearity="leaky_relu")
-                nn.init.zeros_(layers[-2].bias)
+                layers += [style_linear(z_dim if i == 0 else w_dim, w_dim, style_init, w_dim), nn.LeakyReLU(0.2)]
             self.mapping = nn.Sequential(*layers)
             self.small_fc = nn.Linear(z_dim, 8 * nf * s0 * s0)
-            self.small_block_0 = StyleBlock(8 * nf, 8 * nf, w_dim)
-            self.small_block_1 = StyleBlock(8 * nf, 8 * nf, w_dim)
+            self.small_block_0 = StyleBlock(8 * nf, 8 * nf, w_dim, style_init)
+            self.small_block_1 = StyleBlock(8 * nf, 8 * nf, w_dim, style_init)
             self.small_norm = nn.LayerNorm([4 * s0, 4 * s0])
             self.scale = nn.Parameter(torch.ones(1, 8 * nf, 1, 1))   # w_c
             self.shift = nn.Parameter(torch.zeros(1, 8 * nf, 1, 1))  # b_c
@@ -296,7 +345,8 @@ def build(a):
     """G and D for the args `a` (an argparse.Namespace, also rebuilt from a checkpoint's args)."""
     head, mod, _, _ = MODES[a.mode]
     nl = getattr(a, "nlabels", 0)
-    return (Generator(a.res, a.nf, a.z_dim, head, mod, nl, a.embed_dim, a.w_dim), Discriminator(a.res, a.nf, nl))
+    G = Generator(a.res, a.nf, a.z_dim, head, mod, nl, a.embed_dim, a.w_dim, getattr(a, "style_init", "authors"))
+    return G, Discriminator(a.res, a.nf, nl)
 
 
 def split_params(model, general, freeze):
@@ -419,15 +469,37 @@ def requires_grad(params, flag):
         p.requires_grad_(flag)
 
 
+def step_order(args):
+    """--step-order auto: GAN_stability's D-then-G for the source pretraining, the AdaFM code's G-then-D otherwise."""
+    order = getattr(args, "step_order", "auto")
+    return ("d_first" if args.mode == "pretrain" else "g_first") if order == "auto" else order
+
+
 def train_step(args, nets, opts, x, y):
-    """One D step (non-saturating loss + R1 on reals) and one G step; returns detached losses."""
+    """One G step and one D step (non-saturating loss + R1 on reals); returns detached losses. g_first (AdaFM code):
+    G step on z, then the D step on that step's fakes, detached; d_first (GAN_stability): D step on fresh fakes G(z),
+    then the G step on new z."""
     G, D, G_run, D_run, D_train = nets
     opt_G, opt_D, device = opts
     z = torch.randn(x.shape[0], args.z_dim, device=device)
     x = (x + torch.rand_like(x) / 128).requires_grad_(True)   # U[0, 1/128) dequantization (GAN_stability)
+
+    def g_step(z):
+        requires_grad(D_train, False)
+        with autocast(device, args.amp):
+            fake = G_run(z, y)
+            loss_g = F.softplus(-D(fake, y).float()).mean()   # non-saturating
+        opt_G.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_G.step()
+        return loss_g.detach(), fake.detach()
+
+    if step_order(args) == "g_first":
+        loss_g, fake = g_step(z)
+    else:
+        with torch.no_grad(), autocast(device, args.amp):
+            fake = G(z, y)
     requires_grad(D_train, True)
-    with torch.no_grad(), autocast(device, args.amp):
-        fake = G(z, y)
     with autocast(device, args.amp):
         d = D_run(torch.cat([x, fake.to(x.dtype)]), None if y is None else torch.cat([y, y])).float()
     d_real, d_fake = d.chunk(2)
@@ -438,17 +510,15 @@ def train_step(args, nets, opts, x, y):
     loss_d.backward()
     opt_D.step()
     requires_grad(D_train, False)
-    with autocast(device, args.amp):
-        loss_g = F.softplus(-D(G_run(torch.randn_like(z), y), y).float()).mean()   # non-saturating
-    opt_G.zero_grad(set_to_none=True)
-    loss_g.backward()
-    opt_G.step()
+    if step_order(args) == "d_first":
+        loss_g, _ = g_step(torch.randn_like(z))
     return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "r1": r1.detach(),
             "d_real": d_real.detach().mean(), "d_fake": d_fake.detach().mean()}
 
 
 class Sampler(SamplerBase):
-    """EMA generator; noise inputs drawn from a fixed seed so generate() is deterministic."""
+    """EMA generator. Each sample's noise maps (and, for a conditional source, its class) are a function of its own
+    latent (common.utils.per_sample_noise / latent_seeds): deterministic, distinct per sample, batch-independent."""
 
     def __init__(self, G, res, device, mix_block=1):
         self.G, self.res, self.device, self.mix_block = G.eval(), res, torch.device(device), mix_block
@@ -458,10 +528,10 @@ class Sampler(SamplerBase):
 
     @torch.no_grad()
     def _run(self, z, styles=None):
-        dev = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=dev):
-            torch.manual_seed(0)
-            y = torch.arange(len(z), device=self.device) % self.G.nlabels if self.G.nlabels else None
+        y = None
+        if self.G.nlabels:
+            y = torch.tensor(latent_seeds(z), device=self.device) % self.G.nlabels
+        with per_sample_noise(self.G, z, Noise):
             return self.G(z, y, styles).float()
 
     def generate(self, latents):
@@ -529,6 +599,9 @@ def run(args):
             if ckpt["args"].get(k) != getattr(args, k):
                 raise UserError(f"checkpoint {resume} was trained with --{k.replace('_', '-')} {ckpt['args'].get(k)}, "
                                 f"this run asks for {getattr(args, k)}: use the same flags (or a new --out)")
+        if "step_order" not in ckpt["args"] and step_order(args) != "d_first":
+            print(f"note: {resume} predates --step-order (it trained D step first); continuing with "
+                  f"{step_order(args)} (pass --step-order d_first to keep the old order)")
     if not args.bench:
         prepare_run_dir(args, METHOD, dist_.is_main)
     G, D = build(args)

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import adafm
@@ -69,7 +70,7 @@ def test_parameter_counts_match_the_authors():
         G, D = adafm.build(a)
         frozen, ada, head = counts(G, adafm.G_GENERAL, True)
         assert (frozen, ada) == (4_046_275, 860_160)          # frozen G4; AdaFM on the 12 frozen 3x3 convs
-        assert head == 25_185_793 - 1   # authors' SmallHead count is 25,185,793; ours is one parameter short (docstring)
+        assert head == 25_185_793 - 1   # authors' 25,185,793 includes an unused nn.Embedding(1, 1) (docstring)
         assert counts(D, adafm.D_GENERAL, True)[0] == 194_624   # frozen D2
         assert D.fc.weight.shape == (1, 16384)                  # new unconditional fc
         a.mode = "fs"
@@ -101,6 +102,125 @@ def test_adafm_identity_hand_computed_and_fs_is_rank_one():
     conv.gamma.data.copy_(torch.outer(g_hat, torch.ones(5))[:, :, None, None])   # gamma = gamma_hat 1^T
     conv.beta.data.copy_(torch.outer(b_hat, torch.ones(5))[:, :, None, None])
     torch.testing.assert_close(fs(x), conv(x))
+
+
+def noise_maps(G):
+    """Forward hooks recording each Noise layer's maps [B, H*W] ((out - in) / weight, largest-weight channel)."""
+    maps = {}
+
+    def hook(m, inp, out):
+        c = m.weight.abs().flatten().argmax()
+        maps.setdefault(id(m), []).append(((out - inp[0])[:, c] / m.weight.flatten()[c]).flatten(1))
+    hs = [m.register_forward_hook(hook) for m in G.modules() if isinstance(m, adafm.Noise)]
+    return maps, hs
+
+
+def test_sampling_noise_is_per_sample_and_batch_independent():
+    """SamplerBase.sample chunks the latents: the same 40 latents must give the same images in chunks of 7 and of 32,
+    and no two samples may share a noise map. The old rule (torch seeded with 0 in every generate call) fails both:
+    checked here on a replica of it."""
+    class OldRule(adafm.Sampler):
+        def _run(self, z, styles=None):
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                return self.G(z, None, styles).float()
+
+    torch.manual_seed(0)
+    G = adafm.Generator(32, 4, 16, "style", "adafm", w_dim=16)
+    for cls, ok in ((adafm.Sampler, True), (OldRule, False)):
+        s = cls(G, 32, "cpu")
+        maps, hs = noise_maps(G)
+        x7 = s.sample(40, seed=3, batch=7)
+        for h in hs:
+            h.remove()
+        x32 = s.sample(40, seed=3, batch=32)
+        assert len(maps) == 4 and all(len(v) == 6 for v in maps.values())   # 4 noise layers, 6 chunks of <= 7
+        dmin = min(torch.cdist(m, m).add(torch.eye(40) * 1e9).min().item()
+                   for m in (torch.cat(v) for v in maps.values()))   # closest pair of samples' maps, per layer
+        same = (x7 - x32).abs().max().item()
+        assert (dmin > 1e-3 and same < 1e-5) == ok, (cls.__name__, dmin, same)
+    assert not any(m.noise_source for m in G.modules() if isinstance(m, adafm.Noise))   # restored after sampling
+    assert torch.equal(adafm.Sampler(G, 32, "cpu").sample(5, seed=3), adafm.Sampler(G, 32, "cpu").sample(5, seed=3))
+    # a conditional GP-GAN source: the class is a function of the latent too, so chunking changes nothing
+    cond = adafm.Sampler(adafm.Generator(32, 4, 16, "gp", None, 10, 8), 32, "cpu")
+    torch.testing.assert_close(cond.sample(12, seed=1, batch=5), cond.sample(12, seed=1, batch=32), atol=1e-5, rtol=0)
+
+
+def test_no_batchnorm_or_buffers_in_the_generator():
+    """EMA sampling cannot depend on batch statistics: the generator has no BatchNorm and no buffers at all."""
+    for mode in adafm.MODES:
+        G = target(mode)[1]
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in G.modules()), mode
+        assert not list(G.buffers()), mode
+
+
+def test_style_init_and_adain_gradient_clamp_match_the_authors():
+    """Authors' EqualLinear: N(0, 0.1) weights, bias 0, for the mapping and AdaIN. Measured with their module at
+    z = w = 256 (512 z): w RMS 2.84, gamma std 4.42 (our old init: 1.05 / 0.60). AdaIN's gradient to x goes through
+    clamp(gamma, -1, 1)."""
+    stats = {}
+    for init in ("authors", "he"):
+        torch.manual_seed(0)
+        G = adafm.Generator(32, 4, 256, "style", None, w_dim=256, style_init=init)
+        with torch.no_grad():
+            w = G.style(torch.randn(512, 256))
+            gamma = G.small_block_0.adain_0.style(w)[:, :32]
+        stats[init] = (w.pow(2).mean().sqrt().item(), gamma.std().item())
+        lin = G.mapping[2]
+        if init == "authors":
+            assert abs(lin.weight.std().item() - 0.1) < 0.002 and not lin.bias.any()
+    assert 2.3 < stats["authors"][0] < 3.4 and 3.5 < stats["authors"][1] < 5.5, stats
+    assert 0.7 < stats["he"][0] < 1.4 and 0.4 < stats["he"][1] < 0.8, stats
+    torch.manual_seed(0)
+    ada = adafm.AdaIN(6, 8)
+    with torch.no_grad():
+        ada.style.bias[:6] = torch.tensor([3.0, -2.0, 0.5, -0.5, 1.5, 0.0])
+    x, w = torch.randn(2, 6, 5, 5, requires_grad=True), torch.randn(2, 8)
+    g_out = torch.randn(2, 6, 5, 5)
+    out = ada(x, w)
+    gamma, beta = ada.style(w)[:, :, None, None].chunk(2, 1)
+    torch.testing.assert_close(out, gamma * F.instance_norm(x) + beta)        # the value is plain AdaIN
+    gx, gw = torch.autograd.grad((out * g_out).sum(), (x, ada.style.weight))
+    x2 = x.detach().requires_grad_(True)
+    ref_gx, = torch.autograd.grad((gamma.detach().clamp(-1, 1) * F.instance_norm(x2) * g_out).sum(), x2)
+    torch.testing.assert_close(gx, ref_gx)                                     # d/dx through clamp(gamma, -1, 1)
+    g2, b2 = ada.style(w)[:, :, None, None].chunk(2, 1)
+    ref_gw, = torch.autograd.grad(((g2 * F.instance_norm(x.detach()) + b2) * g_out).sum(), ada.style.weight)
+    torch.testing.assert_close(gw, ref_gw)                                     # gamma's own gradient unclamped
+    assert not torch.allclose(gx, torch.autograd.grad((gamma.detach() * F.instance_norm(x2) * g_out).sum(), x2)[0])
+
+
+def test_g_step_runs_first_and_d_trains_on_its_detached_fakes():
+    """Authors' loop: gloss, x_fake = generator_trainstep(y, z); dloss = discriminator_trainstep(x_real, y, x_fake)
+    with x_fake = G(z).detach() from before the G update. --step-order d_first (pretrain default, GAN_stability):
+    the D step first, on fresh fakes, then the G step on a new z."""
+    assert adafm.step_order(adafm.parse_args([])) == "g_first"
+    assert adafm.step_order(adafm.parse_args(["--mode", "pretrain"])) == "d_first"
+    for order in ("g_first", "d_first"):
+        a, G, D = target("smallhead")
+        a.step_order = order
+        log, fakes, d_in = [], [], []
+
+        def rec(name, f, store=None):
+            def call(x, y=None, *rest):
+                out = f(x, y, *rest)
+                log.append(name)
+                if store is not None:
+                    store.append(out.detach().clone())
+                return out
+            return call
+        G_run, G_nograd = rec("G_run", G, fakes), rec("G", G, fakes)
+        D_loss, D_run = rec("D", D), rec("D_run", lambda x, y=None: d_in.append(x.detach().clone()) or D(x, y))
+        opt_G, opt_D = torch.optim.Adam(G.parameters(), 1e-3), torch.optim.Adam(D.parameters(), 1e-3)
+        x = torch.rand(4, 3, 32, 32) * 2 - 1
+        nets = (G_nograd, D_loss, G_run, D_run, list(D.parameters()))
+        adafm.train_step(a, nets, (opt_G, opt_D, torch.device("cpu")), x, None)
+        if order == "g_first":
+            assert log == ["G_run", "D", "D_run"]
+            assert torch.equal(d_in[0][4:], fakes[0])    # D's fake half = the G step's own output
+        else:
+            assert log == ["G", "D_run", "G_run", "D"]
+            assert torch.equal(d_in[0][4:], fakes[0]) and not torch.equal(fakes[0], fakes[1])
 
 
 def test_reals_get_dequantization_noise_and_center_crop_by_default():
@@ -237,13 +357,16 @@ def test_pretrain_then_adafm_end_to_end_resume_and_switch(tmp_path):
     assert torch.equal(s.style_mix(za, zb, block=2), img)    # all styles from a
     assert torch.equal(s.style_mix(za, za), img)
     assert not torch.allclose(s.style_mix(za, zb), img)      # block 1 takes b's style
+    old = {**ck, "args": {k: v for k, v in ck["args"].items() if k not in ("style_init", "step_order")}}
+    assert torch.equal(adafm.load_for_sampling(old, "cpu").generate(za), img)   # checkpoints from before these flags
 
 
 def test_learning_check_transfer_moves_samples_towards_the_data(tmp_path):
     """Statistic: |mean(G) - mean(data)| + |std(G) - std(data)| over all pixels of 256 EMA samples vs the 1,797
     digits at 32 px. After 100 AdaFM iterations from a (random-weight) source it must fall below half its value at
-    initialisation. Measured: 0.922 -> 0.126; with the G loss sign flipped 0.922 -> 0.777 (fails); without the G
-    optimizer step it stays 0.922 (fails)."""
+    initialisation. Measured (G step first, authors' style init): 0.923 -> 0.377 (--step-order d_first: 0.250,
+    --style-init he: 0.321); with the G loss sign flipped 0.923 -> 0.922 (fails); without the G optimizer step it
+    stays 0.923 (fails)."""
     write_authors_ckpt(tmp_path / "src.pt")
     args = ["--data", "digits", "--res", "32", "--nf", "4", "--z-dim", "32", "--w-dim", "32", "--batch", "8",
             "--adafm-start", "0", "--lr", "1e-3", "--ema", "0", "--log-every", "50", "--sample-every", "1000",
