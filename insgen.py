@@ -22,15 +22,22 @@ What is implemented (one file, no custom CUDA ops, no compile step):
   InfoNCE (Eq. 4) with tau 0.2; real term C_D^r (Eq. 5), fake term C_D^f with noise perturbation z + 0.15*eps for the
   positive key (Eq. 6-7), generator term C_G^f without perturbation (Eq. 8-9), loss weights 1.0 / 1.0 / 0.1
   (Eq. 10-11). `--no-insgen` turns the script into plain StyleGAN2-ADA for comparison.
+  Schedule as in the authors' code: the real head's Adam takes D's lazy-reg settings (lr x16/17, beta2 0.99^(16/17)),
+  the fake head's G's (lr x4/5, beta2 0.99^(4/5)); each momentum head is updated right before each key it computes
+  (real once per iteration, fake twice: G phase and D phase, ~0.998 per iteration), D' once per iteration; the
+  perturbed positive G(z + 0.15 eps) is a G pass of its own (own style-mixing draw, moves w_avg); queue length
+  int(0.05 n), x2 with --mirror (n = number of images). No x-flips unless --mirror (NVIDIA's and the authors' default).
 
 Deviations / choices (vs. the paper and the authors' code):
 - Temperature tau = 0.2 as in the authors' code; the paper text says 2.
-- Queue size defaults to 5% of the dataset size, doubled when horizontal flips are on (the paper: 200 for 2k
-  flipped images); any batch size works (the queue write wraps around), the authors' MoCo code needs K % batch == 0.
-- D' and the momentum heads are updated once per iteration, after the D step. The fake queue receives the momentum
-  fake head applied to the (detached) D features of the fake queries, the real queue the real keys.
-- Each InsGen query/key is its own D / D' pass with an independent augmentation draw (the G-phase key reuses G(z));
-  the perturbed positive G(z + 0.15 eps) reuses the query's style-mixing draw so the pair differs only by eps.
+- Queue length: at least 1 before the x2 (the authors' int(0.05 n) is 0, an empty queue, under 20 images); one
+  --queue sets both queues (the authors: --rqs, --fqs); any batch size works (the queue write wraps around).
+- x-flips: off by default, as NVIDIA's and the authors' train.py; the paper's experiments all flip ("2k" = 2,000
+  images mirrored, queue 200): add --mirror to reproduce them.
+- D' is updated after the D phases instead of at the start of the next iteration: the same sequence of weights.
+  The fake queue receives the momentum fake head applied to the (detached) D features of the fake queries, the
+  real queue the real keys (authors' update_q).
+- Each InsGen query/key is its own D / D' pass with an independent augmentation draw (the G-phase key reuses G(z)).
 - Head width: Linear(C, 512) -> ReLU -> Linear(512, 128) where C = D's 4x4 channels (512 at paper settings).
 - `--ada-linear`: p = target * (images seen / total images), updated every 4 iterations.
 - Runs on one GPU, on CPU and under torchrun (the authors' code always all-gathers and crashes on one GPU). Under
@@ -99,12 +106,26 @@ def parse_args(argv=None):
     g.add_argument("--target", type=float, default=0.6, help="ADA target for E[sign(D(real))]")
     g.add_argument("--ada-kimg", type=float, default=500, help="ADA speed: p can go 0 -> 1 in this many kimg")
     g.add_argument("--ada-linear", action="store_true", help="ramp p linearly from 0 to --target over training")
-    g.add_argument("--queue", type=int, default=None, help="MoCo queue length K (default 5%% of dataset, x2 with flips)")
+    g.add_argument("--queue", type=int, default=None,
+                   help="MoCo queue length K (default int(5%% of the images), at least 1; x2 with --mirror)")
+    g.add_argument("--mirror", dest="no_flip", action="store_false",
+                   help="random horizontal flips of the real images (off by default, as NVIDIA's and the authors' "
+                        "--mirror; the paper's experiments use it)")
     g.add_argument("--no-insgen", action="store_true", help="plain StyleGAN2-ADA (no instance discrimination)")
     g.add_argument("--mix-grid", action="store_true", help="also write samples/mix_<step>.png style-mixing grids")
     g.add_argument("--bench", type=int, default=0,
                    help="benchmark: time N iterations (use a multiple of 16) with and without InsGen, print s/kimg, exit")
+    p.set_defaults(no_flip=True)  # stylegan2-ada / insgen train.py: --mirror defaults to off
+    for a in p._actions:
+        if a.option_strings == ["--no-flip"]:
+            a.help = "no horizontal flips of real images (the default here; --mirror turns them on)"
     return p.parse_args(argv)
+
+
+def default_queue(n_data, mirror):
+    """The authors' train.py: int(0.05 * dataset size), doubled with --mirror (e.g. 2000 images: 100, mirrored 200;
+    70k: 3500). At least 1 before doubling, so sets under 20 images (where the authors' queue would be empty) work."""
+    return max(1, int(0.05 * n_data)) * (2 if mirror else 1)
 
 
 def resolve_cfg(args, world=1):
@@ -671,9 +692,12 @@ class InsGenModule(nn.Module):
         return list(self.real.parameters()) + list(self.fake.parameters())
 
     @torch.no_grad()
-    def momentum_update(self, m=MOMENTUM):
-        ema_update(self.real_m, self.real, m)
-        ema_update(self.fake_m, self.fake, m)
+    def momentum_update(self, *heads, m=MOMENTUM):
+        """phi_m <- m phi_m + (1 - m) phi for the named heads ('real', 'fake'; none named: both). train_step calls it
+        right before each key computation, as the authors' CLHead.forward does: the real momentum head once per
+        iteration, the fake one twice (G phase and D phase)."""
+        for h in heads or ("real", "fake"):
+            ema_update(getattr(self, h + "_m"), getattr(self, h), m)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -698,11 +722,14 @@ def build(args, device, n_data, world=1):
     m.pl_mean = torch.zeros([], device=device)
     m.ins = None
     if not args.no_insgen:
-        K = args.queue if args.queue is not None else max(1, round(0.05 * n_data * (1 if args.no_flip else 2)))
+        K = args.queue if args.queue is not None else default_queue(n_data, not args.no_flip)
         m.ins = InsGenModule(m.D.feat_dim, K).to(device)
         m.ins.requires_grad_(False)  # heads train only in the D main phase
         m.D_ema = make_ema(m.D)
-        m.opt_H = lazy_adam(m.ins.trainable(), args.lr, D_REG_EVERY)
+        # the authors' training_loop: the real head's Adam takes D's settings (lazy ratio 16/17), the fake head's G's
+        # (ratio 4/5, although it steps in the D phase with no regularization phase of its own)
+        m.opt_Hr = lazy_adam(m.ins.real.parameters(), args.lr, D_REG_EVERY)
+        m.opt_Hf = lazy_adam(m.ins.fake.parameters(), args.lr, G_REG_EVERY)
     m.G.requires_grad_(False)
     m.D.requires_grad_(False)
     if world > 1:
@@ -716,17 +743,15 @@ def module_tensors(m):
     return [t for mod in mods for t in list(mod.parameters()) + list(mod.buffers())]
 
 
-def run_G(G, z, mix=None, update_w_avg=True):
-    """G(z) with style mixing (p 0.9): from a random layer `cutoff` on, use the w of a second latent.
-    Returns (img, ws, mix) where mix = (z2, cutoff) can be passed back to reuse the same mixing draw."""
-    ws = G.mapping(z, update_w_avg=update_w_avg)
-    if mix is None:
-        cutoff = int(torch.randint(1, ws.shape[1], ())) if float(torch.rand(())) < STYLE_MIX else ws.shape[1]
-        mix = (torch.randn_like(z), cutoff)
-    z2, cutoff = mix
+def run_G(G, z):
+    """G(z) with style mixing (p 0.9): from a random layer `cutoff` on, use the w of a second latent. Every call
+    draws its own mixing and moves w_avg with the w of z (not of the mixing latent), as the reference's run_G."""
+    ws = G.mapping(z, update_w_avg=True)
+    cutoff = int(torch.randint(1, ws.shape[1], ())) if float(torch.rand(())) < STYLE_MIX else ws.shape[1]
+    z2 = torch.randn_like(z)
     if cutoff < ws.shape[1]:
         ws = torch.cat([ws[:, :cutoff], G.mapping(z2)[:, cutoff:]], 1)
-    return G.synthesis(ws), ws, mix
+    return G.synthesis(ws), ws
 
 
 def step_opt(opt, params, world):
@@ -755,13 +780,14 @@ def train_step(m, args, real, step, world=1):
     G.requires_grad_(True)
     m.opt_G.zero_grad(set_to_none=True)
     with autocast(real.device, amp):
-        img, _, _ = run_G(G, z_main)
+        img, _ = run_G(G, z_main)
         logits, _ = D(aug(img))
         loss = F.softplus(-logits).mean()
         L["loss_G"] = loss.detach()
         if ins is not None:  # query with gradient into G (head and D frozen), key from D' on another view of G(z)
             q = ins.fake(D(aug(img), feat_only=True))
             with torch.no_grad():
+                ins.momentum_update("fake")  # 1st of the fake momentum head's two updates this iteration
                 k = ins.fake_m(m.D_ema(aug(img.detach()), feat_only=True))
             cl_g = infonce(q, k, ins.fake_q.keys.clone())
             L["cl_G"] = cl_g.detach()
@@ -772,7 +798,7 @@ def train_step(m, args, real, step, world=1):
     # Gpl: path-length regularization every 4 steps, on half the batch (StyleGAN2 Eq. 4), loss x interval.
     if step % G_REG_EVERY == 0:
         m.opt_G.zero_grad(set_to_none=True)
-        img, ws, _ = run_G(G, z_pl[:max(B // PL_SHRINK, 1)])
+        img, ws = run_G(G, z_pl[:max(B // PL_SHRINK, 1)])
         noise = torch.randn_like(img) / math.sqrt(img.shape[2] * img.shape[3])
         grad, = torch.autograd.grad((img * noise).sum(), ws, create_graph=True)
         lengths = grad.square().sum(2).mean(1).sqrt()
@@ -788,12 +814,13 @@ def train_step(m, args, real, step, world=1):
     D.requires_grad_(True)
     m.opt_D.zero_grad(set_to_none=True)
     if ins is not None:
-        m.opt_H.zero_grad(set_to_none=True)
+        m.opt_Hr.zero_grad(set_to_none=True)
+        m.opt_Hf.zero_grad(set_to_none=True)
         for p in ins.trainable():
             p.requires_grad_(True)
     with autocast(real.device, amp):
         with torch.no_grad():
-            img, _, mix = run_G(G, z_d)
+            img, _ = run_G(G, z_d)
         logits_f, _ = D(aug(img))
         logits_r, _ = D(aug(real))
         if m.ada is not None:
@@ -805,8 +832,11 @@ def train_step(m, args, real, step, world=1):
             f_q = D(aug(img), feat_only=True)
             q_f = ins.fake(f_q)
             with torch.no_grad():
+                ins.momentum_update("real")
                 k_r = ins.real_m(m.D_ema(aug(real), feat_only=True))
-                img_pos, _, _ = run_G(G, z_d + PERTURB_STD * torch.randn_like(z_d), mix=mix, update_w_avg=False)
+                # perturbed positive: a G pass of its own (fresh style-mixing draw, w_avg updated), as the authors'
+                img_pos, _ = run_G(G, z_d + PERTURB_STD * torch.randn_like(z_d))
+                ins.momentum_update("fake")  # 2nd update this iteration; the same momentum head makes the enqueued keys
                 k_f = ins.fake_m(m.D_ema(aug(img_pos), feat_only=True))
                 enq_f = ins.fake_m(f_q.detach())
             cl_r = infonce(q_r, k_r, ins.real_q.keys.clone())
@@ -816,7 +846,8 @@ def train_step(m, args, real, step, world=1):
     loss.backward()
     step_opt(m.opt_D, D.parameters(), world)
     if ins is not None:
-        step_opt(m.opt_H, ins.trainable(), world)
+        step_opt(m.opt_Hr, list(ins.real.parameters()), world)
+        step_opt(m.opt_Hf, list(ins.fake.parameters()), world)
         for p in ins.trainable():
             p.requires_grad_(False)
         ins.real_q.push(k_r, world)
@@ -836,12 +867,12 @@ def train_step(m, args, real, step, world=1):
         L["r1"] = r1.mean().detach()
     D.requires_grad_(False)
 
-    # EMAs (G: StyleGAN2-ADA half-life with ramp-up; D' and momentum heads: 0.999), then ADA every 4 iterations.
+    # EMAs (G: StyleGAN2-ADA half-life with ramp-up; D': 0.999 once per iteration, which is the authors' update at the
+    # start of the next iteration), then ADA every 4 iterations. The momentum heads were updated at their calls.
     total = B * world
     ema_update(m.G_ema, G, stylegan_ema_beta(total, args.ema, step * total, args.rampup))
     if ins is not None:
         ema_update(m.D_ema, D, MOMENTUM)
-        ins.momentum_update()
     if m.ada is not None and (step + 1) % ADA_EVERY == 0:
         m.ada.update(total, world, progress=(step + 1) / args.iters)
     if m.ada is not None:
@@ -917,7 +948,8 @@ def state_dict(m, args, step, best=float("inf")):
     if m.ada is not None:
         ck["ada"] = {"p": m.aug.p, "acc": m.ada.acc.cpu(), "rt": m.ada.rt}
     if m.ins is not None:
-        ck.update(ins=m.ins.state_dict(), D_ema=m.D_ema.state_dict(), opt_H=m.opt_H.state_dict())
+        ck.update(ins=m.ins.state_dict(), D_ema=m.D_ema.state_dict(), opt_Hr=m.opt_Hr.state_dict(),
+                  opt_Hf=m.opt_Hf.state_dict())
     return ck
 
 
@@ -926,6 +958,12 @@ def load_state(m, ck, path):
     if dropped:
         raise UserError(f"checkpoint {path} trains with {' and '.join(dropped)}; "
                         "resuming without would silently drop that state: remove --no-insgen / --aug noaug, or start a new --out")
+    if m.ins is not None and "ins" in ck:
+        kc, k = ck["ins"]["real_q.keys"].shape[-1], m.ins.real_q.keys.shape[1]
+        if kc != k:
+            raise UserError(f"checkpoint {path} has MoCo queues of {kc} keys, this run builds {k}: pass --queue {kc} "
+                            "to resume it (the default is int(5% of the images), x2 with --mirror; runs from before "
+                            "that default also flipped by default: add --mirror)")
     try:
         m.G.load_state_dict(ck["G"])
         m.D.load_state_dict(ck["D"])
@@ -935,7 +973,7 @@ def load_state(m, ck, path):
         if m.ins is not None:
             m.ins.load_state_dict(ck["ins"])
             m.D_ema.load_state_dict(ck["D_ema"])
-            m.opt_H.load_state_dict(ck["opt_H"])
+            load_head_opts(m, ck)
     except (RuntimeError, KeyError, ValueError) as e:
         raise UserError(f"checkpoint {path} does not match this architecture/configuration (res, --cfg, --cbase, "
                         f"--cmax, --map, --queue, --no-insgen): {str(e).splitlines()[0][:160]}")
@@ -943,6 +981,21 @@ def load_state(m, ck, path):
     if m.ada is not None and "ada" in ck:
         m.aug.p, m.ada.rt = float(ck["ada"]["p"]), float(ck["ada"]["rt"])
         m.ada.acc = ck["ada"]["acc"].clone()
+
+
+def load_head_opts(m, ck):
+    """Per-head Adam states. Checkpoints from before the per-head optimizers hold one Adam over both heads
+    ('opt_H', real head's parameters first): its moments move over and the new lr/betas apply from here on."""
+    if "opt_H" not in ck:
+        m.opt_Hr.load_state_dict(ck["opt_Hr"])
+        m.opt_Hf.load_state_dict(ck["opt_Hf"])
+        return
+    old = torch.optim.Adam(m.ins.trainable())
+    old.load_state_dict(ck["opt_H"])
+    for opt in (m.opt_Hr, m.opt_Hf):
+        for p in opt.param_groups[0]["params"]:
+            if p in old.state:
+                opt.state[p] = old.state[p]
 
 
 def bench(args, d, ds):
@@ -988,6 +1041,10 @@ def main(argv=None):
         check_method(ck, "insgen", path)
         load_state(m, ck, path)
         start, best = ck["step"], ck.get("best_fid", best)
+        if d.is_main and ck["args"].get("no_flip", True) != args.no_flip:
+            print(f"note: {path} was trained {'with' if not ck['args']['no_flip'] else 'without'} x-flips, this run "
+                  f"goes on {'without' if args.no_flip else 'with'} them ({'add' if args.no_flip else 'drop'} --mirror "
+                  "to keep them as they were)", flush=True)
         restore_rng(ck["rng"], d.rank, args.seed, start)
     else:
         seed_everything(args.seed * d.world + d.rank)
@@ -995,7 +1052,8 @@ def main(argv=None):
         K = m.ins.real_q.keys.shape[1] if m.ins is not None else 0
         print(f"insgen: {len(ds)} images | res {args.res} cfg {args.cfg} batch {args.batch} gamma {args.gamma:g} "
               f"ema {args.ema:g} kimg map {args.map} mbstd {args.mbstd} | G {sum(p.numel() for p in m.G.parameters()):,}"
-              f" D {sum(p.numel() for p in m.D.parameters()):,} params | aug {args.aug} | "
+              f" D {sum(p.numel() for p in m.D.parameters()):,} params | aug {args.aug}, x-flips "
+              f"{'off' if args.no_flip else 'on'} | "
               f"insgen {'off' if m.ins is None else f'on (queue {K}, tau {TAU})'} | {d.device} x{d.world}", flush=True)
     data = infinite_batches(ds, per_rank, args.seed, start, not args.no_flip, d.rank, d.world, args.workers, d.device)
     sampler = Sampler(m.G_ema, d.device, args.psi, noise="const")  # grids: fixed latents and noise, comparable over time
