@@ -3,9 +3,10 @@
 A conditional GAN whose condition is the feature C(x) of a real image under a frozen extractor pretrained on a
 large source domain (ImageNet VGG16 fc7, ResNet50, or SimCLR ResNet50):
 - G: ResNet generator (SNGAN-128 widths), conditional BN fed by [G_emb(C(x)) ; z_k] (BigGAN-style hierarchical z:
-  z is split into one chunk for the 4x4 linear layer and one chunk per block, as the supplementary's implementation
-  details say DISP training uses; --no-hier-z feeds all of z to the linear layer like the SNGAN reference);
-  gain = 1 + Linear, bias = Linear.
+  z is split into one chunk for the 4x4 linear layer and one chunk per block); gain = 1 + Linear, bias = Linear.
+  The supplementary states the hierarchical latent in the implementation details of its LARGE-SCALE (BigGAN)
+  experiments only; for the few-shot SNGAN setting it says nothing. Using it there is our choice (one G design for
+  every setting); --no-hier-z feeds all of z to the linear layer like the SNGAN reference.
 - D: projection discriminator D(x, y) = D_emb(y) . D_f(x) + D_l(D_f(x)) (Miyato & Koyama 2018; paper Alg. 1 l.6).
 - Hinge loss, the fake conditioned on the prior of the SAME real image (Alg. 1): L_D = E[relu(1 - D(x, C(x)))] +
   E[relu(1 + D(G(z|C(x)), C(x)))], L_G = -E[D(G(z|C(x)), C(x))]; --loss ns|wgan are the Table 10 variants.
@@ -22,6 +23,9 @@ D feature 1024 (ch 64), 30k steps, EMA G, best-FID checkpoint; FreezeD freezes t
 defaults. Resolutions 32, 64, 128, 256. No official code exists; the supplementary is the reference.
 
 Implementation choices and deviations (the paper does not specify these):
+- Images are resized to res x res without cropping (--crop squash, the default of every script here and what the
+  FastGAN code does with the few-shot sets); the paper does not say how its images were cropped. --crop center
+  centre-crops a square first.
 - VGG16 prior = fc7 after ReLU, i.e. torchvision classifier[:5] in eval mode (4096-d); --prior-layer fc6|fc7|logits.
   ResNet50 / SimCLR prior = 2048-d global-average-pooled features. Images are resized (bilinear, antialias) from the
   training resolution to --prior-size (224) and normalised with ImageNet mean/std (SimCLR: [0,1], no normalisation).
@@ -77,14 +81,15 @@ from common.ema import ema_update, make_ema
 from common.metrics import dataset_fingerprint, sha256_file, training_evaluator
 from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite, check_method,
                           count_params, load_checkpoint, log_metrics, pick_device, prepare_run_dir, resolve_resume, rng_state,
-                          StopOnInterrupt, save_checkpoint, save_grid, seed_everything, restore_rng, user_errors)
+                          StopOnInterrupt, save_checkpoint, save_grid, seed_everything, restore_rng, batch_stat_bn,
+                          check_bn_mode, recompute_bn_stats, user_errors)
 
 METHOD = "disp"
 G_ARCH = {32: [4, 4, 4, 4], 64: [16, 16, 8, 4, 2], 128: [16, 16, 8, 4, 2, 1], 256: [16, 16, 8, 8, 4, 2, 1]}  # x ch
 D_ARCH = {32: [4, 4, 4, 4], 64: [1, 2, 4, 8, 16], 128: [1, 2, 4, 8, 16, 16], 256: [1, 2, 4, 8, 8, 16, 16]}
 D_DOWN = {32: 2, 64: 4, 128: 5, 256: 6}  # the first D_DOWN[res] D blocks halve the resolution, the rest keep it
 PRIOR_LAYERS = {"vgg16": ["fc7", "fc6", "logits"], "resnet50": ["pool", "logits"], "simclr": ["pool", "logits"]}
-SAMPLER_OPTS = ("prior_mode", "prior_from", "gmm_k", "gmm_space", "gmm_max", "priors", "prior_weights", "psi")
+SAMPLER_OPTS = ("prior_mode", "prior_from", "gmm_k", "gmm_space", "gmm_max", "priors", "prior_weights", "psi", "bn")
 
 
 def parse_args(argv=None):
@@ -420,12 +425,15 @@ class Sampler(SamplerBase):
     (settable attribute): mixup (default) | gmm | train | image (needs prior_from)."""
 
     def __init__(self, G, priors, a, device, prior_mode="mixup", prior_from=None, gmm_k=1000, gmm_space="prior",
-                 gmm_max=200000, prior_weights=None, psi=None):
+                 gmm_max=200000, prior_weights=None, psi=None, bn="copy"):
         self.G, self.priors, self.a, self.device, self.res = G, priors.float().cpu(), a, device, a.res
+        self.bn = check_bn_mode(bn)
         self.prior_mode = "image" if prior_from and prior_mode == "mixup" else prior_mode
         self.prior_from, self.prior_weights = prior_from, prior_weights or a.prior_weights
         self.gmm_k, self.gmm_space, self.gmm_max, self._gmm, self._img = int(gmm_k), gmm_space, int(gmm_max), None, None
         self.psi = float(psi) if psi else None  # BigGAN truncation: z ~ N(0, I) truncated to [-psi, psi]
+        if self.bn == "recompute":  # BN statistics of this (EMA) generator on 512 fixed latents
+            recompute_bn_stats(G, self.latents(512, 2 ** 20), self.generate)
 
     def gmm(self):
         if self._gmm is None:
@@ -466,7 +474,8 @@ class Sampler(SamplerBase):
     @torch.no_grad()
     def generate(self, latents):
         z, p = latents[:, :self.a.z_dim], latents[:, self.a.z_dim:]
-        return self.G(z.to(self.device), p.to(self.device)).float()
+        with batch_stat_bn(self.G, self.bn == "batch"):
+            return self.G(z.to(self.device), p.to(self.device)).float()
 
     @torch.no_grad()
     def style_mix(self, lat_a, lat_b):
@@ -475,13 +484,15 @@ class Sampler(SamplerBase):
         z0, ya = self.G.conds(lat_a[:, :d], lat_a[:, d:])
         _, yb = self.G.conds(lat_b[:, :d], lat_b[:, d:])
         k = len(ya) // 2
-        return self.G.synth(z0, ya[:k] + yb[k:]).float()
+        with batch_stat_bn(self.G, self.bn == "batch"):
+            return self.G.synth(z0, ya[:k] + yb[k:]).float()
 
 
 def load_for_sampling(ckpt, device, **opts):
     """Rebuild the EMA generator; opts (eval.py --sampler-opt key=value): prior_mode, prior_from, gmm_k, gmm_space,
     gmm_max, priors (path of a priors.pt cache to use instead of the checkpoint's), prior_weights (extractor path),
-    psi (eval.py --psi: truncated z)."""
+    psi (eval.py --psi: truncated z), bn (copy | batch | recompute: BatchNorm statistics at sampling, see
+    common.utils.check_bn_mode; recompute re-estimates them on 512 latents of seed 2**20)."""
     bad = set(opts) - set(SAMPLER_OPTS)
     if bad:
         raise UserError(f"unknown sampler option(s) {sorted(bad)}: disp accepts {', '.join(SAMPLER_OPTS)}")

@@ -385,3 +385,32 @@ def test_learning_check(tmp_path):
     s.G = disp.build_models(s.a, ck["prior_dim"])[0].eval()
     init = stat(s.sample(256, 0))
     assert trained < 0.6 and trained < 0.5 * init, (trained, init)
+
+
+def test_bn_sampling_modes(run3):
+    """bn=copy: eval BN with the carried running stats; batch: per-batch statistics, buffers untouched (an image
+    depends on its batch companions); recompute: buffers re-estimated on the Sampler's own 512 latents."""
+    ck = load_checkpoint(str(run3[0] / "ckpt" / "last.pt"))
+    dev = torch.device("cpu")
+    copy = disp.load_for_sampling(ck, dev)
+    lat = copy.latents(8, 3)
+    assert torch.allclose(copy.generate(lat)[:4], copy.generate(lat[:4]), atol=1e-6)
+    bn_buffers = lambda s: {k: v.clone() for k, v in s.G.state_dict().items() if "running" in k}  # noqa: E731
+    ref = bn_buffers(copy)
+    batch = disp.load_for_sampling(ck, dev, bn="batch")
+    a, b = batch.generate(lat)[:4], batch.generate(lat[:4])
+    assert (a - b).abs().max() > 1e-3 and all(torch.equal(v, ref[k]) for k, v in bn_buffers(batch).items())
+    rec = disp.load_for_sampling(ck, dev, bn="recompute")
+    new = bn_buffers(rec)
+    assert any((new[k] - ref[k]).abs().max() > 1e-4 for k in ref)
+    assert torch.allclose(rec.generate(lat)[:4], rec.generate(lat[:4]), atol=1e-6)  # eval mode again
+    first_bn = rec.G.blocks[0].bn1.bn  # its running mean = the mean of its inputs over the 512 latents
+    seen = []
+    h = first_bn.register_forward_hook(lambda m, i, o: seen.append(i[0].mean((0, 2, 3))))
+    z = rec.latents(512, 2 ** 20)
+    for i in range(0, 512, 64):
+        rec.generate(z[i:i + 64])
+    h.remove()
+    assert torch.allclose(torch.stack(seen).mean(0), first_bn.running_mean, atol=1e-4)
+    with pytest.raises(UserError, match="bn='nope' is not one of copy, batch, recompute"):
+        disp.load_for_sampling(ck, dev, bn="nope")
