@@ -391,7 +391,7 @@ def test_sampler_bn_modes():
     ckpt = toy_ckpt()
     z = fg.Sampler(fg.Generator(32, 8, 32), 32, "cpu").latents(6, 5)
     samplers = {m: fg.load_for_sampling(ckpt, "cpu", bn=m) for m in fg.BN_MODES}
-    assert fg.load_for_sampling(ckpt, "cpu").bn == "copy" and fg.arch_args(ckpt["args"])["no_sle"] is False
+    assert fg.load_for_sampling(ckpt, "cpu").bn == "recompute" and fg.arch_args(ckpt["args"])["no_sle"] is False
     imgs = {}
     for mode, s in samplers.items():
         before = bn_buffers(s.G)

@@ -131,7 +131,7 @@ def test_fid_of_real_halves_is_small_and_of_noise_is_large(digits_cache):
     assert fid_ab == pytest.approx(FID_HALVES, rel=0.02)
     assert abs(kid_ab) < 2e-3
     assert r["fid"] == pytest.approx(FID_NOISE, rel=0.02) and r["kid"] == pytest.approx(KID_NOISE, rel=0.05)
-    assert r["fid"] > 50 * fid_ab and r["precision"] == 0.0
+    assert r["fid"] > 40 * fid_ab and r["precision"] == 0.0
     assert r["protocol"] == M.protocol_name(packaged())
 
 
