@@ -392,7 +392,11 @@ def test_bn_sampling_modes(run3):
     depends on its batch companions); recompute: buffers re-estimated on the Sampler's own 512 latents."""
     ck = load_checkpoint(str(run3[0] / "ckpt" / "last.pt"))
     dev = torch.device("cpu")
-    copy = disp.load_for_sampling(ck, dev)
+    assert disp.load_for_sampling(ck, dev).bn == "recompute"  # the default (--sample-bn auto, with a prior)
+    rule = lambda **kw: disp.sample_bn(SimpleNamespace(**kw))  # noqa: E731
+    assert rule(prior="none") == "copy" and rule(prior="vgg16", sample_bn="auto") == "recompute"
+    assert rule(prior="none", sample_bn="batch") == "batch"  # an explicit choice wins
+    copy = disp.load_for_sampling(ck, dev, bn="copy")
     lat = copy.latents(8, 3)
     assert torch.allclose(copy.generate(lat)[:4], copy.generate(lat[:4]), atol=1e-6)
     bn_buffers = lambda s: {k: v.clone() for k, v in s.G.state_dict().items() if "running" in k}  # noqa: E731
