@@ -706,12 +706,13 @@ def train(args):
                 sys.exit(130)
             if not is_main or args.bench:
                 continue
-            if step % args.sample_every == 0 or step == args.iters:
+            sample_now = step % args.sample_every == 0 or step == args.iters
+            eval_now = ev is not None and (step % args.eval_every == 0 or step == args.iters)
+            s = ema_sampler() if sample_now or eval_now else None  # one BN recompute per step, shared
+            if sample_now:
                 with torch.no_grad():
-                    save_grid(ema_sampler().generate(fixed),
-                              os.path.join(args.out, "samples", f"{step:06d}.png"))
-            if ev is not None and (step % args.eval_every == 0 or step == args.iters):
-                s = ema_sampler()
+                    save_grid(s.generate(fixed), os.path.join(args.out, "samples", f"{step:06d}.png"))
+            if eval_now:
                 r = ev(lambda n, seed: s.sample(n, seed))
                 log_metrics(args.out, {"iter": step, **r})
                 print(f"it {step} | fid {r['fid']:.2f} kid {r['kid']:.4f} ({r['protocol']})", flush=True)

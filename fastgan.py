@@ -740,7 +740,7 @@ def run(args):
             if it % args.ckpt_every == 0 or last:
                 checkpoint(it)
         if dist.is_main and args.iters > start and not args.no_sle:  # --no-sle: nothing to mix
-            z, sampler = fixed_z[:8], ema_sampler()
+            z = fixed_z[:8]  # `sampler`: the last iteration's (built there for its grid)
             a, b = z.repeat_interleave(len(z), 0), z.repeat(len(z), 1)
             mix = torch.cat([sampler.style_mix(a[i:i + 8], b[i:i + 8]) for i in range(0, len(a), 8)])
             save_grid(mix, os.path.join(out, "samples", "style_mix.png"), nrow=len(z))  # row i: layout of z_i, col j: style of z_j
