@@ -28,7 +28,7 @@ resnet_* and conv_img tensor it has (the target's style head and both fc layers 
 new are printed and written to <out>/transfer.json; the first missing or mis-shaped key stops the run with one line.
 
 Resolution reduction (documented, exact at 128): like GAN_stability's resnet2 the first feature map is s0 x s0 with
-s0 = res / 32, so every resolution (a power of two >= 32) keeps ALL six groups, their channels and their names; only
+s0 = res / 32, so every resolution (32 to 1024, powers of 2) keeps ALL six groups, their channels and their names; only
 the spatial sizes and the two fc layers change. At 32 px: G 1 -> 2 -> 4 | 8 -> 16 -> 32 (head | general part), the
 style head maps 1 -> 2 -> 4 and the LayerNorm acts on 4 x 4; D groups run at 32, 16, 8, 4, 2, 1. Conv shapes do not
 depend on s0, so the official 128 px source also transfers to 32/64 px targets. Channel width: --nf (authors 64;
@@ -99,7 +99,7 @@ from common.metrics import training_evaluator
 from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite,
                           check_method, count_params, latent_seeds, load_checkpoint, log_metrics, per_sample_noise,
                           prepare_run_dir, resolve_resume, rng_state, StopOnInterrupt, save_checkpoint, save_grid,
-                          seed_everything, restore_rng, user_errors)
+                          seed_everything, restore_rng, user_errors, SetupInterrupt)
 
 METHOD = "adafm"
 SOURCE_URL = "https://s3.eu-central-1.amazonaws.com/avg-projects/gan_stability/models/imagenet-8c505f47.pt"
@@ -568,14 +568,23 @@ def load_for_sampling(ckpt, device, mix_block=None):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    with user_errors():
-        run(args)
+    with user_errors(), SetupInterrupt() as setup:  # Ctrl-C before the training loop: one line, exit 130
+        run(args, setup)
 
 
-def run(args):
+def check_arch(ckpt, args, path, keys):
+    """A --resume checkpoint must have been trained with the same architecture flags `keys`."""
+    for k in keys:
+        if ckpt["args"].get(k) != getattr(args, k):
+            raise UserError(f"checkpoint {path} was trained with --{k.replace('_', '-')} {ckpt['args'].get(k)}, "
+                            f"this run asks for {getattr(args, k)}: use the same flags (or a new --out)")
+
+
+def run(args, setup=None):
+    """Every check of the flags (and of a --resume checkpoint) comes before the data is read."""
     head, mod, transfer_mode, freeze = MODES[args.mode]
-    if args.res < 32 or args.res & (args.res - 1):
-        raise UserError(f"--res {args.res} is not supported: use a power of two >= 32 (32, 64, 128 = paper, ...)")
+    if args.res < 32 or args.res > 1024 or args.res & (args.res - 1):  # --res 4096 held 28 GiB of digits, then failed
+        raise UserError(f"--res {args.res} is not supported: use a power of two from 32 to 1024 (128 = paper)")
     if not 0 <= args.mix_block <= 2:
         raise UserError("--mix-block must be 0, 1 or 2 (the head has two style blocks)")
     try:
@@ -584,6 +593,17 @@ def run(args):
         raise UserError(f"--head-scale {args.head_scale!r}: use 'auto' or a number")
     dist_ = Dist(args.device)
     device, bs = dist_.device, dist_.per_rank_batch(args.batch)
+    resume = None if args.bench else resolve_resume(args)
+    if resume:
+        ckpt = load_checkpoint(resume)
+        check_method(ckpt, METHOD, resume)
+        check_arch(ckpt, args, resume, [k for k in ARCH if k != "nlabels"])  # nlabels: after the data
+        if "step_order" not in ckpt["args"] and step_order(args) != "d_first":
+            print(f"note: {resume} predates --step-order (it trained D step first); continuing with "
+                  f"{step_order(args)} (pass --step-order d_first to keep the old order)")
+    elif transfer_mode and args.source and not args.bench and not os.path.isfile(args.source):
+        raise UserError(f"--source {args.source}: no such file (the authors' imagenet-8c505f47.pt or a --mode "
+                        "pretrain checkpoint; without --source the official one is downloaded)")
     seed_everything(args.seed + dist_.rank)
     ds = labels = None
     if not args.bench:
@@ -591,17 +611,8 @@ def run(args):
         if args.labels == "auto" and args.mode == "pretrain":
             labels = dataset_labels(args, len(ds))
     args.nlabels = int(labels.max()) + 1 if labels is not None else 0
-    resume = None if args.bench else resolve_resume(args)
     if resume:
-        ckpt = load_checkpoint(resume)
-        check_method(ckpt, METHOD, resume)
-        for k in ARCH:
-            if ckpt["args"].get(k) != getattr(args, k):
-                raise UserError(f"checkpoint {resume} was trained with --{k.replace('_', '-')} {ckpt['args'].get(k)}, "
-                                f"this run asks for {getattr(args, k)}: use the same flags (or a new --out)")
-        if "step_order" not in ckpt["args"] and step_order(args) != "d_first":
-            print(f"note: {resume} predates --step-order (it trained D step first); continuing with "
-                  f"{step_order(args)} (pass --step-order d_first to keep the old order)")
+        check_arch(ckpt, args, resume, ["nlabels"])
     if not args.bench:
         prepare_run_dir(args, METHOD, dist_.is_main)
     G, D = build(args)
@@ -672,6 +683,8 @@ def run(args):
     nets, opts = (G, D, G_run, D_run, D_tr), (opt_G, opt_D, device)
 
     if args.bench:
+        if setup:
+            setup.done()
         x = torch.rand(bs, 3, args.res, args.res, device=device) * 2 - 1
         y = torch.zeros(bs, dtype=torch.long, device=device) if args.nlabels else None
         for i in range(args.bench + 1):
@@ -702,6 +715,8 @@ def run(args):
 
     last = os.path.join(args.out, "ckpt", "last.pt")
     stop = StopOnInterrupt(dist_.is_main)  # Ctrl-C: finish the iteration, save last.pt, exit 130
+    if setup:
+        setup.done()
     try:
         for it in range(step, args.iters):
             if G_ada and it == args.adafm_start:

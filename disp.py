@@ -11,8 +11,9 @@ large source domain (ImageNet VGG16 fc7, ResNet50, or SimCLR ResNet50):
 - Hinge loss, the fake conditioned on the prior of the SAME real image (Alg. 1): L_D = E[relu(1 - D(x, C(x)))] +
   E[relu(1 + D(G(z|C(x)), C(x)))], L_G = -E[D(G(z|C(x)), C(x))]; --loss ns|wgan are the Table 10 variants.
 - Spectral norm in G and D, --d-steps D updates per G update, EMA of G (used for samples / FID / eval.py).
-- Priors are computed once for the training set and cached in <out>/priors.pt. --prior none is the paper's baseline:
-  one learned embedding per training image (one-hot "priors" through the same G_emb / D_emb matrices).
+- Priors are computed once for the training set and cached in <out>/priors.pt (an interrupted extraction keeps its
+  finished rows in priors.pt.partial; rerunning the same command continues from them). --prior none is the paper's
+  baseline: one learned embedding per training image (one-hot "priors" through the same G_emb / D_emb matrices).
 - Options the paper combines with DISP: DiffAugment (--diffaug) + consistency regularisation (--cr), FreezeD
   (--freeze-d N), TransferGAN-style initialisation from a GAN checkpoint (--init-from).
 - Sampling priors (eval.py --sampler-opt prior_mode=...): mixup (eq. 5, default), gmm (eq. 6), train, image
@@ -90,13 +91,14 @@ from common.metrics import dataset_fingerprint, sha256_file, training_evaluator
 from common.utils import (BN_MODES, Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite, check_method,
                           count_params, load_checkpoint, log_metrics, pick_device, prepare_run_dir, resolve_resume, rng_state,
                           StopOnInterrupt, save_checkpoint, save_grid, seed_everything, restore_rng, batch_stat_bn,
-                          check_bn_mode, recompute_bn_stats, user_errors)
+                          check_bn_mode, recompute_bn_stats, user_errors, SetupInterrupt)
 
 METHOD = "disp"
 G_ARCH = {32: [4, 4, 4, 4], 64: [16, 16, 8, 4, 2], 128: [16, 16, 8, 4, 2, 1], 256: [16, 16, 8, 8, 4, 2, 1]}  # x ch
 D_ARCH = {32: [4, 4, 4, 4], 64: [1, 2, 4, 8, 16], 128: [1, 2, 4, 8, 16, 16], 256: [1, 2, 4, 8, 8, 16, 16]}
 D_DOWN = {32: 2, 64: 4, 128: 5, 256: 6}  # the first D_DOWN[res] D blocks halve the resolution, the rest keep it
 PRIOR_LAYERS = {"vgg16": ["fc7", "fc6", "logits"], "resnet50": ["pool", "logits"], "simclr": ["pool", "logits"]}
+RESUME_FLAGS = ("res", "ch", "z_dim", "emb_dim", "no_hier_z", "prior", "freeze_d")  # fix the shapes of G, D, opt_D
 SAMPLER_OPTS = ("prior_mode", "prior_from", "gmm_k", "gmm_space", "gmm_max", "priors", "prior_weights", "psi", "bn")
 
 
@@ -210,41 +212,87 @@ def build_extractor(prior, layer="auto", weights="default", size=224):
     return Extractor(net, size, normalize=prior != "simclr")
 
 
-def prior_key(args, ds):
-    """What the priors depend on: the images themselves (pixels, or paths+sizes+mtimes), extractor, layer, weights
-    (a local file by content), input size. Kept with the cache and in every checkpoint."""
+def prior_settings(args):
+    """The part of prior_key that needs no data (compared with a --resume checkpoint before any data is read)."""
     w = args.prior_weights
     if os.path.isfile(w):
         w = f"{os.path.basename(w)}:{sha256_file(w)[:16]}"
-    return {"data": f"{ds.name}:{dataset_fingerprint(ds, range(len(ds)))[:16]}", "res": args.res, "n": len(ds),
-            "prior": args.prior, "layer": args.prior_layer, "weights": w, "size": args.prior_size}
+    return {"res": args.res, "prior": args.prior, "layer": args.prior_layer, "weights": w, "size": args.prior_size}
 
 
-def get_priors(ds, args, device, cache_path, key=None):
-    """[N, d] priors C(x) of every training image: loaded from cache_path when its key matches, else computed once."""
+def prior_key(args, ds):
+    """What the priors depend on: the images themselves (pixels, or paths+sizes+mtimes), extractor, layer, weights
+    (a local file by content), input size. Kept with the cache and in every checkpoint."""
+    return {"data": f"{ds.name}:{dataset_fingerprint(ds, range(len(ds)))[:16]}", "n": len(ds), **prior_settings(args)}
+
+
+PRIOR_SAVE_S = 30.0  # the partial prior cache is rewritten at most this often (and at least 10x its write time apart)
+
+
+def get_priors(ds, args, device, cache_path, key=None, chunk=64):
+    """[N, d] priors C(x) of every training image: loaded from cache_path when its key matches, else computed once,
+    `chunk` images per extractor call. The finished rows are kept in <cache_path>.partial (with the key) every
+    PRIOR_SAVE_S seconds and when the extraction stops (Ctrl-C, error): a rerun with the same key continues at the
+    first missing row, with the same chunk boundaries (the same numbers as an uninterrupted extraction)."""
     key = key or prior_key(args, ds)
     if os.path.isfile(cache_path):
         c = torch.load(cache_path, map_location="cpu", weights_only=True)
         if c.get("key") == key:
             return c["priors"], 0.0
         print(f"priors: {cache_path} was made with other settings; recomputing", flush=True)
+    partial = cache_path + ".partial"
     if args.prior == "none":  # baseline: one one-hot row per image -> G_emb / D_emb columns are per-image embeddings
         if len(ds) > 20000:
             raise UserError(f"--prior none keeps an N x N one-hot bank: {len(ds)} images is too many (use --max-images)")
         priors, dt = torch.eye(len(ds)), 0.0
     else:
-        t0 = time.time()
-        C = build_extractor(args.prior, args.prior_layer, args.prior_weights, args.prior_size).to(device)
-        if ds.images is not None:
-            chunks = (ds.images[i:i + 64] for i in range(0, len(ds), 64))
-        else:
-            chunks = torch.utils.data.DataLoader(ds.files, batch_size=64, num_workers=args.workers)
-        priors = torch.cat([C(xb.to(device).float() / 127.5 - 1).cpu() for xb in chunks])
+        t0, N, rows = time.time(), len(ds), []
+        if os.path.isfile(partial):
+            try:
+                c = torch.load(partial, map_location="cpu", weights_only=True)
+            except Exception:  # unreadable (e.g. a full disk): start over
+                c = {}
+            if isinstance(c, dict) and c.get("key") == key and len(c["priors"]) <= N:
+                rows = [c["priors"]]
+                print(f"priors: resuming the extraction at row {len(c['priors'])} of {N} ({partial})", flush=True)
+        done = saved = sum(len(r) for r in rows)
+
+        def keep():  # finished rows -> <cache>.partial (temp file + rename)
+            nonlocal saved
+            save_checkpoint({"key": key, "priors": torch.cat(rows)}, partial)
+            saved = done
+
+        try:
+            C = build_extractor(args.prior, args.prior_layer, args.prior_weights, args.prior_size).to(device)
+            if ds.images is not None:
+                chunks = (ds.images[i:i + chunk] for i in range(done, N, chunk))
+            else:
+                chunks = torch.utils.data.DataLoader(torch.utils.data.Subset(ds.files, range(done, N)),
+                                                     batch_size=chunk, num_workers=args.workers)
+            t_keep, every = time.time(), PRIOR_SAVE_S
+            for xb in chunks:
+                rows.append(C(xb.to(device).float() / 127.5 - 1).cpu())
+                done += len(xb)
+                if done < N and time.time() - t_keep >= every:
+                    t = time.time()
+                    keep()
+                    t_keep, every = time.time(), max(PRIOR_SAVE_S, 10 * (time.time() - t))  # writes <= 10% of the time
+                    print(f"priors: {done}/{N} rows (kept in {partial})", flush=True)
+        except BaseException as e:  # Ctrl-C or an error: keep the finished rows, a rerun continues from them
+            if done > saved:
+                keep()
+            if isinstance(e, KeyboardInterrupt):
+                raise KeyboardInterrupt(f"prior extraction {done}/{N} rows saved in {partial}; rerun the same "
+                                        "command to continue") from None
+            raise
+        priors = torch.cat(rows)
         dt = time.time() - t0
         layer = PRIOR_LAYERS[args.prior][0] if args.prior_layer == "auto" else args.prior_layer
         print(f"priors: {args.prior} ({layer}, weights {args.prior_weights}) of {len(ds)} images -> "
               f"{tuple(priors.shape)} in {dt:.1f} s (cached at {cache_path})", flush=True)
     save_checkpoint({"key": key, "priors": priors}, cache_path)
+    if os.path.isfile(partial):
+        os.remove(partial)
     return priors, dt
 
 
@@ -553,7 +601,8 @@ def main(argv=None):
     with user_errors():
         if args.sample:
             return sample_only(args)
-        train(args)
+        with SetupInterrupt() as setup:  # Ctrl-C before the training loop: one line, exit 130
+            train(args, setup)
 
 
 def sample_only(args):
@@ -564,7 +613,7 @@ def sample_only(args):
     print("wrote", out)
 
 
-def train(args):
+def train(args, setup=None):
     dist_ = Dist(args.device)
     dev, is_main = dist_.device, dist_.is_main
     B = dist_.per_rank_batch(args.batch)
@@ -578,6 +627,17 @@ def train(args):
     if args.cr and not args.diffaug:
         raise UserError("--cr compares two DiffAugment views of the reals; without --diffaug it is 0: add e.g. "
                         "--diffaug translation,cutout,color")
+    path = resolve_resume(args)
+    ck = load_checkpoint(path) if path else None
+    if ck is not None:  # before any data or prior is computed (minutes): the checkpoint and the flags it fixes
+        check_method(ck, METHOD, path)
+        for k in RESUME_FLAGS:
+            if k in ck["args"] and ck["args"][k] != getattr(args, k):
+                raise UserError(f"checkpoint {path} was trained with --{k.replace('_', '-')} {ck['args'][k]}, this run "
+                                f"asks for {getattr(args, k)}: use the same flags (or a new --out)")
+        if ck.get("prior_key"):
+            now = prior_settings(args)  # the key's data part (fingerprint, count) is checked after loading
+            check_prior_key({k: ck["prior_key"].get(k) for k in now}, now, f"the priors of checkpoint {path}")
     prepare_run_dir(args, METHOD, is_main)
     seed_everything(args.seed + dist_.rank)
     ds = load_dataset(args.data, args.res, args.data_root, args.crop)
@@ -613,10 +673,7 @@ def train(args):
     if N > args.ckpt_priors:
         ckpt_priors = priors[torch.randperm(N, generator=torch.Generator().manual_seed(args.seed))[:args.ckpt_priors]]
 
-    path = resolve_resume(args)
-    if path:
-        ck = load_checkpoint(path)
-        check_method(ck, METHOD, path)
+    if ck is not None:
         try:
             G.load_state_dict(ck["G"]), D.load_state_dict(ck["D"]), G_ema.load_state_dict(ck["G_ema"])
             opt_G.load_state_dict(ck["opt_G"]), opt_D.load_state_dict(ck["opt_D"])
@@ -659,6 +716,8 @@ def train(args):
     amp = args.amp
     step, t_bench = start, None
     stop = StopOnInterrupt(is_main)  # Ctrl-C: finish the iteration, save last.pt, exit 130
+    if setup:
+        setup.done()
     try:
         for it in range(start, args.iters):
             if args.bench and it == start + 1:

@@ -240,6 +240,30 @@ class StopOnInterrupt:
             self._old = None
 
 
+class SetupInterrupt:
+    """Wrap a script's set-up (data, priors, source weights, models: minutes before the first iteration): a Ctrl-C
+    there (KeyboardInterrupt) becomes one 'interrupted during set-up (...)' line on stderr and exit code 130, no
+    traceback; the detail is the KeyboardInterrupt's message when it has one (what was kept). Call `done()` where
+    the training loop's StopOnInterrupt takes over: later KeyboardInterrupts (its second Ctrl-C, 'abort at once')
+    pass through unchanged."""
+
+    def __init__(self):
+        self.active = True
+
+    def done(self):
+        self.active = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, e, tb):
+        if typ is KeyboardInterrupt and self.active:
+            detail = str(e) or "before the first training step; rerun the same command"
+            print(f"interrupted during set-up ({detail})", file=sys.stderr, flush=True)
+            sys.exit(130)
+        return False
+
+
 def log_metrics(out, record):
     """Append one JSON line to <out>/metrics.jsonl."""
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:

@@ -387,3 +387,54 @@ def test_learning_check_transfer_moves_samples_towards_the_data(tmp_path):
 def test_benchmark_flag_prints_seconds_per_iteration():
     r = run(["--bench", "1", "--mode", "transfergan", "--res", "32", "--nf", "4", "--z-dim", "16", "--batch", "4"])
     assert "benchmark --mode transfergan:" in r.stdout and "s/iteration (batch 4, 32 px, nf 4, cpu" in r.stdout
+
+
+def test_flags_and_resume_are_checked_before_the_data_is_read(tmp_path, monkeypatch, capsys):
+    """`--res 4096 --data digits` used to decode 28 GiB of digits and die with a MemoryError traceback: every flag
+    (and a --resume checkpoint, a --source path) is checked before load_dataset, with one 'error:' line, exit 2."""
+    def no_data(*a, **k):
+        raise AssertionError("load_dataset was called before the flags were checked")
+
+    def error(argv):
+        with pytest.raises(SystemExit) as e:
+            adafm.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        return err
+
+    monkeypatch.setattr(adafm, "load_dataset", no_data)
+    out = tmp_path / "run"
+    assert "error: --res 4096 is not supported" in error(["--data", "digits", "--res", "4096", "--out", str(out)])
+    assert "--res 16 is not supported" in error(TINY + ["--res", "16", "--out", str(out)])
+    assert not out.exists()
+    assert "--source " + str(tmp_path / "nope.pt") + ": no such file" in error(
+        TINY + ["--source", str(tmp_path / "nope.pt"), "--out", str(out)])
+    last = out / "ckpt" / "last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(os.urandom(1000))
+    resume = TINY + ["--mode", "scratch", "--out", str(out), "--resume", "auto"]
+    assert "cannot read checkpoint" in error(resume)
+    torch.save({"method": "disp", "args": {}}, last)
+    assert "written by 'disp', not 'adafm'" in error(resume)
+    a = vars(adafm.parse_args(TINY + ["--mode", "scratch"]))
+    torch.save({"method": "adafm", "args": {**a, "nf": 8, "nlabels": 0}}, last)
+    assert "trained with --nf 8, this run asks for 4" in error(resume)
+
+
+def test_ctrl_c_during_set_up_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    """KeyboardInterrupt before the training loop: one line, exit 130, no traceback. Inside the loop (where
+    StopOnInterrupt turns a second Ctrl-C into KeyboardInterrupt: abort at once) it still passes through."""
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    args = TINY + ["--mode", "scratch", "--iters", "2", "--style-mix", "0", "--out", str(tmp_path / "run")]
+    with monkeypatch.context() as m:
+        m.setattr(adafm, "load_dataset", interrupt)
+        with pytest.raises(SystemExit) as e:
+            adafm.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err == "interrupted during set-up (before the first training step; rerun the same command)\n"
+    monkeypatch.setattr(adafm, "train_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        adafm.main(args)
+    assert "interrupted during set-up" not in capsys.readouterr().err

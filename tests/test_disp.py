@@ -333,8 +333,12 @@ def test_resume_continues_identically(run3, tmp_path):
     # other priors of the same shape (another extractor input size): resuming on them is refused
     r = run(args + ["--iters", "4", "--resume", "auto", "--prior-size", "40"], out, ok=False)
     assert r.returncode == 2 and "error: the priors of checkpoint" in r.stderr and "size: 32 vs 40" in r.stderr
+    assert "priors:" not in r.stdout  # refused before the extraction (priors.pt is still the run's own)
+    p40 = str(tmp_path / "priors40.pt")
+    disp.get_priors(Dataset("digits", 32, images=load_dataset("digits", 32).images[:64]), prior_args(prior_size=40),
+                    "cpu", p40)
     with pytest.raises(UserError, match="other images or another extractor"):
-        disp.load_for_sampling(ca, torch.device("cpu"), priors=str(out / "priors.pt"))  # now the size-40 cache
+        disp.load_for_sampling(ca, torch.device("cpu"), priors=p40)
 
 
 def test_transfer_init_and_freeze_d_with_baseline(run3, tmp_path):
@@ -418,3 +422,103 @@ def test_bn_sampling_modes(run3):
     assert torch.allclose(torch.stack(seen).mean(0), first_bn.running_mean, atol=1e-4)
     with pytest.raises(UserError, match="bn='nope' is not one of copy, batch, recompute"):
         disp.load_for_sampling(ck, dev, bn="nope")
+
+
+# ----------------------------------------------------------------------------- early checks and interruptions
+def test_resume_is_checked_before_data_and_priors(tmp_path, monkeypatch, capsys):
+    """--resume: an unreadable last.pt, another method's checkpoint, other architecture flags or other prior
+    settings fail with one line before the data is read and the priors are extracted (minutes)."""
+    def never(*a, **k):
+        raise AssertionError("data or priors touched before the checkpoint was checked")
+
+    for name in ("load_dataset", "get_priors", "build_extractor"):
+        monkeypatch.setattr(disp, name, never)
+
+    def error(argv):
+        with pytest.raises(SystemExit) as e:
+            disp.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        return err
+
+    out = tmp_path / "run"
+    last = out / "ckpt" / "last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(os.urandom(4096))
+    args = SMALL + ["--iters", "2", "--out", str(out), "--resume", "auto"]
+    assert "cannot read checkpoint" in error(args)
+    other = tmp_path / "fastgan.pt"
+    torch.save({"method": "fastgan", "args": {}}, other)
+    assert "written by 'fastgan', not 'disp'" in error(SMALL + ["--out", str(out), "--resume", str(other)])
+    a = disp.parse_args(SMALL)
+    key = {"data": "digits:0", "n": 64, **disp.prior_settings(a)}
+    torch.save({"method": "disp", "args": {**vars(a), "ch": 8}, "prior_key": key}, last)
+    assert "trained with --ch 8, this run asks for 4" in error(args)
+    torch.save({"method": "disp", "args": vars(a), "prior_key": {**key, "size": 40}}, last)
+    err = error(args)
+    assert "error: the priors of checkpoint" in err and "size: 40 vs 32" in err
+    assert not (out / "args.json").exists()  # a refused resume does not overwrite the run's args.json
+
+
+def test_prior_extraction_resumes_after_ctrl_c(tmp_path, monkeypatch, capsys, small_ds):
+    """Ctrl-C on the 3rd of 4 chunks keeps the 2 finished ones in priors.pt.partial (periodic saves too); a rerun
+    extracts only the last 2 chunks and gives exactly the priors of an uninterrupted extraction."""
+    ref, _ = disp.get_priors(small_ds, prior_args(), "cpu", str(tmp_path / "ref.pt"), chunk=3)
+    calls, fail_at, kept = [], [3], []
+    cache = str(tmp_path / "priors.pt")
+    fwd = disp.Extractor.forward
+
+    def spy(self, x):
+        calls.append(len(x))
+        if len(calls) == fail_at[0]:
+            kept.append(len(load_checkpoint(cache + ".partial")["priors"]))  # what a kill -9 would leave
+            raise KeyboardInterrupt
+        return fwd(self, x)
+
+    monkeypatch.setattr(disp.Extractor, "forward", spy)
+    monkeypatch.setattr(disp, "PRIOR_SAVE_S", 0.0)
+    with pytest.raises(KeyboardInterrupt, match="prior extraction 6/12 rows saved"):
+        disp.get_priors(small_ds, prior_args(), "cpu", cache, chunk=3)
+    assert kept[0] in (3, 6) and not os.path.exists(cache)
+    part = load_checkpoint(cache + ".partial")
+    assert torch.equal(part["priors"], ref[:6]) and part["key"] == disp.prior_key(prior_args(), small_ds)
+    calls.clear()
+    fail_at[0] = 0
+    p, _ = disp.get_priors(small_ds, prior_args(), "cpu", cache, chunk=3)
+    assert "resuming the extraction at row 6 of 12" in capsys.readouterr().out
+    assert calls == [3, 3] and torch.equal(p, ref)
+    assert torch.equal(load_checkpoint(cache)["priors"], ref) and not os.path.exists(cache + ".partial")
+
+
+def test_sigint_during_prior_extraction_exits_130_with_one_line(tmp_path):
+    """A real SIGINT during the prior extraction of disp.py: exit 130, one stderr line, no traceback; rerunning the
+    same command continues the extraction where it stopped."""
+    import signal
+    code = ("import signal, sys, time, disp\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # even if the test runs with SIGINT ignored
+            "disp.PRIOR_SAVE_S = 0\n"  # a 'priors: k/N rows' line after every chunk
+            "fwd = disp.Extractor.forward\n"
+            "def slow(self, x):\n"
+            "    time.sleep(1)\n"  # room for the signal to land mid-extraction
+            "    return fwd(self, x)\n"
+            "disp.Extractor.forward = slow\n"
+            "disp.main(sys.argv[1:])\n")
+    out = tmp_path / "run"
+    args = SMALL + ["--max-images", "192", "--iters", "1", "--out", str(out)]
+    p = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for line in p.stdout:
+            if line.startswith("priors: 64/192 rows"):
+                p.send_signal(signal.SIGINT)
+                break
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and err.count("\n") == 1 and "Traceback" not in err, (p.returncode, err)
+    assert err.startswith("interrupted during set-up (prior extraction ") and "rerun the same command" in err
+    k = int(err.split("prior extraction ")[1].split("/")[0])
+    assert k in (64, 128) and len(load_checkpoint(str(out / "priors.pt.partial"))["priors"]) == k
+    r = run(args, out)
+    assert f"resuming the extraction at row {k} of 192" in r.stdout and not os.path.exists(out / "priors.pt.partial")
+    assert load_checkpoint(str(out / "priors.pt"))["priors"].shape == (192, 4096)
