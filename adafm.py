@@ -57,7 +57,8 @@ Deviations / choices (all visible in the code):
 - --mode pretrain uses GAN_stability's RMSprop(lr, alpha 0.99, eps 1e-8) and batch 128 by default; the official
   --iters stays 60000 (set it for your source dataset). Real and fake go through D as one batch (no BN, same result).
 - Style mixing (Fig. 12): the fc input z and the styles of blocks < --mix-block come from sample a, the styles of
-  blocks >= --mix-block from b (samples/style_mix.png at the end; eval.py --mix [--sampler-opt mix_block=0]).
+  blocks >= --mix-block from b; --style-mix N: an N x N samples/style_mix.png at the end, the grid of eval.py --mix
+  (common.utils.save_style_mix; eval.py --mix [--sampler-opt mix_block=0]).
   Sampling noise: during training the noise maps are fresh torch.randn; when sampling, every sample's maps come
   from its own generator seeded by a hash of its latent (common.utils.per_sample_noise), so an image is a function
   of its latent alone: the same with any batch size (SamplerBase.sample chunks) and no two samples share a noise
@@ -67,6 +68,7 @@ Deviations / choices (all visible in the code):
   Cars / Cathedral, appendix A), so the absolute numbers are not comparable.
 - DDP: the G loss calls the unwrapped D and the d_first D step the unwrapped G (no-grad), and G's DDP wrapper is rebuilt
   when AdaFM switches on, so requires_grad toggling is safe; --amp is bf16 autocast; channels_last on CUDA.
+- The generator has no buffers (no BatchNorm), so its EMA is an average of the parameters only.
 
 Run (from the repo root):
   python adafm.py --data flowers --res 128 --z-dim 64 --source imagenet-8c505f47.pt   # the paper's "Our" (60k its;
@@ -76,18 +78,17 @@ Run (from the repo root):
     still 0.999^500 = 61% the initial G (flat tinted squares); the raw G after 300-700 iterations matches the
     digits' brightness but is one collapsed stroke shape, not digits)
   python adafm.py --data pokemon --res 32 --nf 8 --z-dim 32 --w-dim 32 --source runs/src/ckpt/last.pt
-Benchmark (s/iteration, batch 16, 128 px, random weights, AdaFM on, no data/source needed):
+Benchmark (s/iteration, batch 16, 128 px, random weights, AdaFM on, no data/source needed; measured: README):
   for m in adafm scratch transfergan; do python adafm.py --bench 3 --mode $m; done
-  Measured (--bench 1, 2-core AMD EPYC CPU, load ~2): adafm 60.8, scratch 63.9, transfergan 71.1
-  s/iteration: frozen filters need no weight gradients, so adafm is the cheapest step.
+  (frozen filters need no weight gradients, so adafm is the cheapest step)
 """
 import argparse
+import itertools
 import json
 import math
 import os
 import socket
 import sys
-import time
 
 import torch
 import torch.nn as nn
@@ -96,10 +97,11 @@ import torch.nn.functional as F
 from common.data import batch_indices, infinite_batches, list_images, load_dataset, resolve_folder
 from common.ema import ema_update, make_ema
 from common.metrics import training_evaluator
-from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite,
-                          check_method, count_params, latent_seeds, load_checkpoint, log_metrics, per_sample_noise,
-                          prepare_run_dir, resolve_resume, rng_state, StopOnInterrupt, save_checkpoint, save_grid,
-                          seed_everything, restore_rng, user_errors, SetupInterrupt)
+from common.utils import (Dist, Progress, SamplerBase, SetupInterrupt, StopOnInterrupt, UserError, add_common_args,
+                          autocast, check_finite, check_flags, check_method, count_params, latent_seeds,
+                          load_checkpoint, log_metrics, per_sample_noise, prepare_run_dir, read_resume, resume,
+                          rng_state, save_checkpoint, save_grid, save_style_mix, seed_everything, time_steps,
+                          user_errors)
 
 METHOD = "adafm"
 SOURCE_URL = "https://s3.eu-central-1.amazonaws.com/avg-projects/gan_stability/models/imagenet-8c505f47.pt"
@@ -112,12 +114,12 @@ G_CH = [(16, 16), (16, 16), (16, 8), (8, 4), (4, 2), (2, 1)]   # G group k: resn
 D_CH = [(1, 2), (2, 4), (4, 8), (8, 16), (16, 16), (16, 16)]   # D group k: resnet_k_0 in->in, resnet_k_1 in->out (x nf)
 G_GENERAL = [f"resnet_{k}_{i}" for k in (3, 4, 5) for i in (0, 1)] + ["conv_img"]   # "G4"
 D_GENERAL = ["conv_img", "resnet_0_0", "resnet_0_1"]                                  # "D2"
-ARCH = ["mode", "res", "nf", "z_dim", "w_dim", "embed_dim", "nlabels"]
+ARCH_FLAGS = ("mode", "res", "nf", "z_dim", "w_dim", "embed_dim")  # fix the networks (--resume checks them,
+# and nlabels once the data is read)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="AdaFM (Zhao et al. 2020): transfer a pretrained GP-GAN to limited data",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p, res=128, batch=None, iters=60000, lr=1e-4, sample_every=1000, ckpt_every=1000)
     p.set_defaults(crop="center")  # paper: resize, centre crop
     g = p.add_argument_group("algorithm specific")
@@ -147,15 +149,15 @@ def parse_args(argv=None):
     g.add_argument("--mix-block", type=int, default=1, help="style mixing: style blocks >= this take sample b's style")
     g.add_argument("--style-mix", type=int, default=5,
                    help="write samples/style_mix.png (N x N, paper Fig. 12) at the end; 0 = off")
-    g.add_argument("--bench", type=int, default=0,
-                   help="time N iterations on random data (after 1 warm-up), print s/iteration, exit")
+    g.add_argument("--bench", type=int, default=0, help="time N iterations (train_step + EMA; random weights, AdaFM "
+                   "on) on a random batch at --res/--batch after one warm-up, print s/iteration, exit")
     args = p.parse_args(argv)
     if args.batch is None:
         args.batch = 128 if args.mode == "pretrain" else 16
     return args
 
 
-# ----------------------------------------------------------------------------- models
+# ------------------------------------------------ the paper's contribution: AdaFM [eq. 2, Fig. 1(b)], the style head
 def actvn(x):
     return F.leaky_relu(x, 0.2)
 
@@ -257,6 +259,7 @@ class StyleBlock(nn.Module):
         return self.shortcut(x) + 0.1 * h
 
 
+# --------------------------------------------------------------------- the networks: target (Fig. 1) and GP-GAN source
 class Generator(nn.Module):
     """head='gp': the GP-GAN generator ([label embedding,] fc, groups 0-5, conv_img); head='style': the small head
     (Fig. 1(g,h)) in front of groups 3-5 + conv_img, whose 3x3 convs are AdaFM/FS-modulated when mod is set."""
@@ -463,7 +466,7 @@ def dataset_labels(args, n):
     return y
 
 
-# ----------------------------------------------------------------------------- training step and sampling
+# ------------------------------------------------------------------------------------------------- one iteration
 def requires_grad(params, flag):
     for p in params:
         p.requires_grad_(flag)
@@ -516,6 +519,214 @@ def train_step(args, nets, opts, x, y):
             "d_real": d_real.detach().mean(), "d_fake": d_fake.detach().mean()}
 
 
+def ema_beta(args, it):
+    """EMA decay of G: --ema at every iteration."""
+    return args.ema
+
+
+# ------------------------------------------------------------------------------------------------- training run
+# main -> check_args -> bench | run. run() is the same text in fastgan.py, insgen.py, adafm.py and disp.py except
+# the lines marked `# method`: data, networks, resume, DDP, sampler and evaluator, then the loop (batch, train_step,
+# EMA, progress, Ctrl-C, samples, evaluation, checkpoint), then last.pt and the style-mixing grid.
+def head_scale(args):
+    """--head-scale: None for auto, else the number."""
+    try:
+        return None if args.head_scale == "auto" else float(args.head_scale)
+    except ValueError:
+        raise UserError(f"--head-scale {args.head_scale!r}: use 'auto' or a number")
+
+
+def check_args(args):
+    """Every flag, before any data is read or network built (--res 4096 once held 28 GiB of digits, then failed)."""
+    if args.res < 32 or args.res > 1024 or args.res & (args.res - 1):
+        raise UserError(f"--res {args.res} is not supported: use a power of two from 32 to 1024 (128 = paper)")
+    if not 0 <= args.mix_block <= 2:
+        raise UserError("--mix-block must be 0, 1 or 2 (the head has two style blocks)")
+    head_scale(args)
+
+
+def build_target(args, device, source=True, out=None):
+    """The networks of --mode, ready to train: the source's general part transferred (`source`: a fresh run of a
+    transfer mode; the report goes to <out>/transfer.json) and frozen, the head rescaling set, then on the device
+    (channels-last on CUDA) with their optimizers. Returns G, D, opt_G, opt_D, the AdaFM/FS parameters (trained from
+    --adafm-start) and D's trainable parameters."""
+    head, mod, transfer_mode, freeze = MODES[args.mode]
+    G, D = build(args)
+    report = None
+    if transfer_mode and source:
+        src_ckpt, src_path = fetch_source(args.source, args.cache_dir)
+        G_sd, D_sd, desc = source_state_dicts(src_ckpt, src_path)
+        report = transfer(G, D, G_sd, D_sd, src_path, desc)
+        if head == "style" and head_scale(args) is None:
+            calibrate_head(G, G_sd)
+        del src_ckpt, G_sd, D_sd
+    elif args.source and not transfer_mode and out:
+        print(f"note: --source is ignored by --mode {args.mode} (random init)")
+    if head == "style" and head_scale(args) is not None:
+        G.scale.data.fill_(head_scale(args))
+    G_fro, G_ada, G_tr = split_params(G, G_GENERAL, freeze)
+    D_fro, _, D_tr = split_params(D, D_GENERAL, freeze)
+    requires_grad(G_fro + D_fro, False)
+    if out:
+        ada = f" + AdaFM/FS {sum(p.numel() for p in G_ada):,} (trained from iteration {args.adafm_start})" if G_ada else ""
+        print(f"mode {args.mode}: G {count_params(G):,} params = trainable {sum(p.numel() for p in G_tr):,} + frozen "
+              f"{sum(p.numel() for p in G_fro):,}{ada} | D {count_params(D):,} = trainable "
+              f"{sum(p.numel() for p in D_tr):,} + frozen {sum(p.numel() for p in D_fro):,}", flush=True)
+    if report and out:
+        for n, m in (("G", G), ("D", D)):
+            fro = {k for k, p in m.named_parameters() if not p.requires_grad}
+            report[n + "_frozen"] = [k for k in report[n + "_loaded"] if k in fro]
+        report["source"] = src_path
+        for n in "GD":
+            print(f"transfer {n} ({desc}): loaded {len(report[n + '_loaded'])} tensors "
+                  f"[{modules(report[n + '_loaded'])}]; frozen [{modules(report[n + '_frozen'])}]; "
+                  f"new [{modules(report[n + '_new'])}]")
+        with open(os.path.join(out, "transfer.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    G, D = G.to(device), D.to(device)
+    if device.type == "cuda":
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    if args.mode == "pretrain":   # GAN_stability's source training
+        opt_G = torch.optim.RMSprop(G_tr, lr=args.lr, alpha=0.99, eps=1e-8)
+        opt_D = torch.optim.RMSprop(D_tr, lr=args.lr, alpha=0.99, eps=1e-8)
+    else:
+        opt_G = torch.optim.Adam(G_tr + G_ada, lr=args.lr, betas=(0.0, 0.99), eps=1e-8)
+        opt_D = torch.optim.Adam(D_tr, lr=args.lr, betas=(0.0, 0.99), eps=1e-8)
+    return G, D, opt_G, opt_D, G_ada, D_tr
+
+
+def labelled_batches(ds, labels, args, batch, start, dist):
+    """Per iteration (real images, their class labels for a conditional source or None); channels-last on CUDA."""
+    xs = infinite_batches(ds, batch, seed=args.seed, start_step=start, flip=not args.no_flip, rank=dist.rank,
+                          world=dist.world, workers=args.workers, device=dist.device)
+    for it in itertools.count(start):
+        x = next(xs)
+        y = None if labels is None else labels[batch_indices(len(ds), batch, args.seed, it, dist.rank,
+                                                             dist.world)].to(dist.device)
+        yield (x.contiguous(memory_format=torch.channels_last) if dist.device.type == "cuda" else x), y
+
+
+def bench(args):
+    """--bench N: seconds per iteration (train_step + EMA) on a random batch at --res/--batch, random weights,
+    AdaFM/FS on; no data, no source, writes nothing."""
+    dist = Dist(args.device)
+    device, batch = dist.device, dist.per_rank_batch(args.batch)
+    seed_everything(args.seed + dist.rank)
+    args.nlabels = 0
+    G, D, opt_G, opt_D, G_ada, D_tr = build_target(args, device, source=False)
+    requires_grad(G_ada, True)
+    G_ema = make_ema(G)
+    x = torch.rand(batch, 3, args.res, args.res, device=device) * 2 - 1
+
+    def step():
+        train_step(args, (G, D, G, D, D_tr), (opt_G, opt_D, device), x, None)
+        ema_update(G_ema, G, ema_beta(args, 0))
+
+    dt = sum(time_steps(step, args.bench, device)[1:]) / args.bench
+    print(f"benchmark --mode {args.mode}: {dt:.3f} s/iteration (batch {batch}, {args.res} px, nf {args.nf}, "
+          f"{device}{', amp' if args.amp else ''}, {torch.get_num_threads()} threads)", flush=True)
+    return dt
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with user_errors(), SetupInterrupt() as setup:  # an error: one line, exit 2; Ctrl-C before the loop: exit 130
+        check_args(args)
+        if args.bench:
+            return bench(args)
+        run(args, setup)
+
+
+def run(args, setup=None):
+    dist = Dist(args.device)
+    device, batch = dist.device, dist.per_rank_batch(args.batch)
+    ck, path = read_resume(args, METHOD, ARCH_FLAGS)  # readable, same method and networks: checked first
+    if ck and "step_order" not in ck["args"] and step_order(args) != "d_first":  # method
+        print(f"note: {path} predates --step-order (it trained D step first); continuing with "
+              f"{step_order(args)} (pass --step-order d_first to keep the old order)")
+    elif not ck and MODES[args.mode][2] and args.source and not os.path.isfile(args.source):  # method
+        raise UserError(f"--source {args.source}: no such file (the authors' imagenet-8c505f47.pt or a --mode "
+                        "pretrain checkpoint; without --source the official one is downloaded)")
+    seed_everything(args.seed + dist.rank)
+    ds = load_dataset(args.data, args.res, args.data_root, args.crop)
+    labels = dataset_labels(args, len(ds)) if args.labels == "auto" and args.mode == "pretrain" else None  # method
+    args.nlabels = int(labels.max()) + 1 if labels is not None else 0  # method
+    if ck:  # method: the number of classes fixes the networks too
+        check_flags(ck, path, args, ["nlabels"])
+    out = prepare_run_dir(args, METHOD, dist.is_main)
+    G, D, opt_G, opt_D, G_ada, D_tr = build_target(args, device, not ck, out if dist.is_main else None)  # method
+    G_ema = make_ema(G)
+    saved = {"G": G, "D": D, "G_ema": G_ema, "opt_G": opt_G, "opt_D": opt_D}  # checkpoint entry -> its object
+    start, best = resume(ck, path, saved, dist, args) if ck else (0, float("inf"))
+    requires_grad(G_ada, start >= args.adafm_start)  # method: AdaFM/FS trains from --adafm-start (before the wrap)
+    G_run, D_run = dist.wrap(G, broadcast_buffers=False), dist.wrap(D, broadcast_buffers=False)  # method
+
+    def state(step, **extra):  # the checkpoint: `saved`, the RNGs, the best FID (resume() loads the same entries)
+        return {"method": METHOD, "args": vars(args), "step": step, "rng": rng_state(), "best_fid": best,
+                **{k: v.state_dict() for k, v in saved.items()}, **extra}
+
+    def ema_sampler():  # G_ema as eval.py samples it
+        return Sampler(G_ema, args.res, device, args.mix_block)  # method
+
+    fixed_z = Sampler(G_ema, args.res, device).latents(min(64, max(args.batch, 16)), seed=1234)  # method
+    evaluator = training_evaluator(ds, device, args, dist.is_main)
+    batches = labelled_batches(ds, labels, args, batch, start, dist)  # method: (images, labels or None)
+    progress = Progress(args.iters, start, args.log_every, dist.is_main, out)
+    stop = StopOnInterrupt(dist.is_main)  # Ctrl-C: finish the iteration, save last.pt, exit 130
+    if setup:
+        setup.done()
+    step, sampler = start, None
+    try:
+        for it in range(start, args.iters):  # it: the iterations done before this one
+            step, last = it + 1, it + 1 == args.iters
+            if G_ada and it == args.adafm_start:  # method: AdaFM/FS joins the G step; G's DDP wrapper is rebuilt
+                requires_grad(G_ada, True)
+                G_run = dist.wrap(G, broadcast_buffers=False)
+                if dist.is_main:
+                    print(f"AdaFM/FS parameters switched on at iteration {it}", flush=True)
+            real = next(batches)
+            losses = train_step(args, (G, D, G_run, D_run, D_tr), (opt_G, opt_D, device), *real)  # method
+            ema_update(G_ema, G, ema_beta(args, it))  # parameters averaged, buffers copied (ema_beta: the decay)
+            if step % args.log_every == 0 or step % args.ckpt_every == 0 or last:
+                if G_ada:  # method: how far AdaFM/FS moved from identity: mean of |gamma - 1|, |beta|
+                    losses["adafm_dev"] = sum((p.detach() - float(n.endswith("gamma"))).abs().sum() for n, p
+                                              in G.named_parameters() if n.endswith(("gamma", "beta"))) / \
+                        sum(p.numel() for p in G_ada)
+                check_finite(losses, step, out)
+            progress(step, **losses)
+            if stop.requested:
+                if dist.is_main:
+                    save_checkpoint(state(step), os.path.join(out, "ckpt", "last.pt"))
+                    print(f"interrupted: saved {os.path.join(out, 'ckpt', 'last.pt')} at iteration {step}", flush=True)
+                sys.exit(130)
+            if not dist.is_main:
+                continue
+            sample_now = step % args.sample_every == 0 or last
+            eval_now = evaluator is not None and (step % args.eval_every == 0 or last)
+            sampler = ema_sampler() if sample_now or eval_now else sampler
+            if sample_now:
+                save_grid(sampler.generate(fixed_z), os.path.join(out, "samples", f"{step:06d}.png"))
+            if eval_now:
+                m = evaluator(sampler.sample)
+                log_metrics(out, {"iter": step, **m})
+                print(f"eval it {step}: fid {m['fid']:.2f} kid {m['kid']:.4f} ({m['protocol']})", flush=True)
+                if m["fid"] < best:
+                    best = m["fid"]
+                    save_checkpoint(state(step, metrics=m), os.path.join(out, "ckpt", "best.pt"))
+            if step % args.ckpt_every == 0 and not last:
+                save_checkpoint(state(step), os.path.join(out, "ckpt", "last.pt"))
+        if dist.is_main:  # the end: last.pt (with --iters 0: the initial networks) and the style-mixing grid
+            save_checkpoint(state(step), os.path.join(out, "ckpt", "last.pt"))
+            if MODES[args.mode][0] == "style" and args.style_mix > 0:  # method: the style head, an N x N grid
+                save_style_mix(sampler or ema_sampler(), os.path.join(out, "samples", "style_mix.png"), args.seed,
+                               args.style_mix, args.style_mix)
+            print(f"done: {out} (samples/, ckpt/last.pt)", flush=True)
+    finally:
+        stop.restore()
+        dist.close()
+
+
+# -------------------------------------------------------------------------------------- sampling (eval.py contract)
 class Sampler(SamplerBase):
     """EMA generator. Each sample's noise maps (and, for a conditional source, its class) are a function of its own
     latent (common.utils.per_sample_noise / latent_seeds): deterministic, distinct per sample, batch-independent."""
@@ -547,15 +758,6 @@ class Sampler(SamplerBase):
         return self._run(lat_a, [wa if i < block else wb for i in range(2)])
 
 
-def style_mix_grid(sampler, n, seed, path):
-    """Row 0: destinations (b); column 0: sources (a); cell (i, j): source i mixed with destination j's style."""
-    a, b = sampler.latents(n, seed), sampler.latents(n, seed + 1)
-    rows = [torch.cat([torch.ones(1, 3, sampler.res, sampler.res, device=sampler.device), sampler.generate(b)])]
-    for i, src in enumerate(sampler.generate(a)):
-        rows.append(torch.cat([src[None], sampler.style_mix(a[i:i + 1].expand(n, -1), b)]))
-    save_grid(torch.cat(rows), path, nrow=n + 1)
-
-
 def load_for_sampling(ckpt, device, mix_block=None):
     """The EMA generator of an adafm.py checkpoint; mix_block overrides --mix-block (eval.py --sampler-opt)."""
     check_method(ckpt, METHOD)
@@ -563,206 +765,6 @@ def load_for_sampling(ckpt, device, mix_block=None):
     G = build(a)[0]
     G.load_state_dict(ckpt["G_ema"])
     return Sampler(G.to(device), a.res, device, a.mix_block if mix_block is None else int(mix_block))
-
-
-# ----------------------------------------------------------------------------- main
-def main(argv=None):
-    args = parse_args(argv)
-    with user_errors(), SetupInterrupt() as setup:  # Ctrl-C before the training loop: one line, exit 130
-        run(args, setup)
-
-
-def check_arch(ckpt, args, path, keys):
-    """A --resume checkpoint must have been trained with the same architecture flags `keys`."""
-    for k in keys:
-        if ckpt["args"].get(k) != getattr(args, k):
-            raise UserError(f"checkpoint {path} was trained with --{k.replace('_', '-')} {ckpt['args'].get(k)}, "
-                            f"this run asks for {getattr(args, k)}: use the same flags (or a new --out)")
-
-
-def run(args, setup=None):
-    """Every check of the flags (and of a --resume checkpoint) comes before the data is read."""
-    head, mod, transfer_mode, freeze = MODES[args.mode]
-    if args.res < 32 or args.res > 1024 or args.res & (args.res - 1):  # --res 4096 held 28 GiB of digits, then failed
-        raise UserError(f"--res {args.res} is not supported: use a power of two from 32 to 1024 (128 = paper)")
-    if not 0 <= args.mix_block <= 2:
-        raise UserError("--mix-block must be 0, 1 or 2 (the head has two style blocks)")
-    try:
-        head_scale = None if args.head_scale == "auto" else float(args.head_scale)
-    except ValueError:
-        raise UserError(f"--head-scale {args.head_scale!r}: use 'auto' or a number")
-    dist_ = Dist(args.device)
-    device, bs = dist_.device, dist_.per_rank_batch(args.batch)
-    resume = None if args.bench else resolve_resume(args)
-    if resume:
-        ckpt = load_checkpoint(resume)
-        check_method(ckpt, METHOD, resume)
-        check_arch(ckpt, args, resume, [k for k in ARCH if k != "nlabels"])  # nlabels: after the data
-        if "step_order" not in ckpt["args"] and step_order(args) != "d_first":
-            print(f"note: {resume} predates --step-order (it trained D step first); continuing with "
-                  f"{step_order(args)} (pass --step-order d_first to keep the old order)")
-    elif transfer_mode and args.source and not args.bench and not os.path.isfile(args.source):
-        raise UserError(f"--source {args.source}: no such file (the authors' imagenet-8c505f47.pt or a --mode "
-                        "pretrain checkpoint; without --source the official one is downloaded)")
-    seed_everything(args.seed + dist_.rank)
-    ds = labels = None
-    if not args.bench:
-        ds = load_dataset(args.data, args.res, args.data_root, args.crop)
-        if args.labels == "auto" and args.mode == "pretrain":
-            labels = dataset_labels(args, len(ds))
-    args.nlabels = int(labels.max()) + 1 if labels is not None else 0
-    if resume:
-        check_arch(ckpt, args, resume, ["nlabels"])
-    if not args.bench:
-        prepare_run_dir(args, METHOD, dist_.is_main)
-    G, D = build(args)
-    report = None
-    if transfer_mode and not resume and not args.bench:
-        src_ckpt, src_path = fetch_source(args.source, args.cache_dir)
-        G_sd, D_sd, desc = source_state_dicts(src_ckpt, src_path)
-        report = transfer(G, D, G_sd, D_sd, src_path, desc)
-        if head == "style" and head_scale is None:
-            calibrate_head(G, G_sd)
-        del src_ckpt, G_sd, D_sd
-    elif args.source and not transfer_mode:
-        print(f"note: --source is ignored by --mode {args.mode} (random init)")
-    if head == "style" and head_scale is not None and not resume:
-        G.scale.data.fill_(head_scale)
-    G_fro, G_ada, G_tr = split_params(G, G_GENERAL, freeze)
-    D_fro, _, D_tr = split_params(D, D_GENERAL, freeze)
-    requires_grad(G_fro + D_fro, False)
-    if dist_.is_main:
-        ada = f" + AdaFM/FS {sum(p.numel() for p in G_ada):,} (trained from iteration {args.adafm_start})" if G_ada else ""
-        print(f"mode {args.mode}: G {count_params(G):,} params = trainable {sum(p.numel() for p in G_tr):,} + frozen "
-              f"{sum(p.numel() for p in G_fro):,}{ada} | D {count_params(D):,} = trainable "
-              f"{sum(p.numel() for p in D_tr):,} + frozen {sum(p.numel() for p in D_fro):,}", flush=True)
-        if report:
-            for n, m in (("G", G), ("D", D)):
-                fro = {k for k, p in m.named_parameters() if not p.requires_grad}
-                report[n + "_frozen"] = [k for k in report[n + "_loaded"] if k in fro]
-            report["source"] = src_path
-            for n in "GD":
-                print(f"transfer {n} ({desc}): loaded {len(report[n + '_loaded'])} tensors "
-                      f"[{modules(report[n + '_loaded'])}]"
-                      f"; frozen [{modules(report[n + '_frozen'])}]; new [{modules(report[n + '_new'])}]")
-            with open(os.path.join(args.out, "transfer.json"), "w") as f:
-                json.dump(report, f, indent=1)
-    G_ema = make_ema(G).to(device)
-    G, D = G.to(device), D.to(device)
-    if device.type == "cuda":
-        G, D, G_ema = (m.to(memory_format=torch.channels_last) for m in (G, D, G_ema))
-    if args.mode == "pretrain":   # GAN_stability's source training
-        opt_G = torch.optim.RMSprop(G_tr, lr=args.lr, alpha=0.99, eps=1e-8)
-        opt_D = torch.optim.RMSprop(D_tr, lr=args.lr, alpha=0.99, eps=1e-8)
-    else:
-        opt_G = torch.optim.Adam(G_tr + G_ada, lr=args.lr, betas=(0.0, 0.99), eps=1e-8)
-        opt_D = torch.optim.Adam(D_tr, lr=args.lr, betas=(0.0, 0.99), eps=1e-8)
-    step, best = 0, float("inf")
-    if resume:
-        G.load_state_dict(ckpt["G"])
-        D.load_state_dict(ckpt["D"])
-        G_ema.load_state_dict(ckpt["G_ema"])
-        opt_G.load_state_dict(ckpt["opt_G"])
-        opt_D.load_state_dict(ckpt["opt_D"])
-        step, best = ckpt["step"], ckpt.get("best_fid", float("inf"))
-        restore_rng(ckpt["rng"], dist_.rank, args.seed, step)
-        print(f"resumed from {resume} at iteration {step}")
-        del ckpt
-
-    def wrap(m):
-        if dist_.world == 1:
-            return m
-        return nn.parallel.DistributedDataParallel(m, device_ids=[device] if device.type == "cuda" else None,
-                                                   broadcast_buffers=False)
-
-    def set_adafm(on):
-        requires_grad(G_ada, on)
-        return wrap(G)
-
-    G_run, D_run = set_adafm(args.bench > 0 or step >= args.adafm_start), wrap(D)
-    nets, opts = (G, D, G_run, D_run, D_tr), (opt_G, opt_D, device)
-
-    if args.bench:
-        if setup:
-            setup.done()
-        x = torch.rand(bs, 3, args.res, args.res, device=device) * 2 - 1
-        y = torch.zeros(bs, dtype=torch.long, device=device) if args.nlabels else None
-        for i in range(args.bench + 1):
-            if i == 1:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.time()
-            train_step(args, nets, opts, x, y)
-            ema_update(G_ema, G, args.ema, copy_buffers=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        print(f"benchmark --mode {args.mode}: {(time.time() - t0) / args.bench:.3f} s/iteration (batch {bs}, "
-              f"{args.res} px, nf {args.nf}, {device}{', amp' if args.amp else ''}, {torch.get_num_threads()} threads)")
-        return
-
-    batches = infinite_batches(ds, bs, seed=args.seed, start_step=step, flip=not args.no_flip, rank=dist_.rank,
-                               world=dist_.world, workers=args.workers, device=device)
-    sampler = Sampler(G_ema, args.res, device, args.mix_block)
-    fixed_z = sampler.latents(min(64, max(args.batch, 16)), seed=1234)
-    progress = Progress(args.iters, step, args.log_every, dist_.is_main, args.out)
-    ev = training_evaluator(ds, device, args, dist_.is_main)
-
-    def save(path, step):
-        if dist_.is_main:
-            save_checkpoint({"method": METHOD, "args": vars(args), "step": step, "G": G.state_dict(),
-                             "D": D.state_dict(), "G_ema": G_ema.state_dict(), "opt_G": opt_G.state_dict(),
-                             "opt_D": opt_D.state_dict(), "rng": rng_state(), "best_fid": best}, path)
-
-    last = os.path.join(args.out, "ckpt", "last.pt")
-    stop = StopOnInterrupt(dist_.is_main)  # Ctrl-C: finish the iteration, save last.pt, exit 130
-    if setup:
-        setup.done()
-    try:
-        for it in range(step, args.iters):
-            if G_ada and it == args.adafm_start:
-                G_run = set_adafm(True)
-                nets = (G, D, G_run, D_run, D_tr)
-                if dist_.is_main:
-                    print(f"AdaFM/FS parameters switched on at iteration {it}", flush=True)
-            x = next(batches)
-            y = labels[batch_indices(len(ds), bs, args.seed, it, dist_.rank, dist_.world)].to(device) \
-                if labels is not None else None
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            logs = train_step(args, nets, opts, x, y)
-            ema_update(G_ema, G, args.ema, copy_buffers=False)
-            step = it + 1
-            if step % args.log_every == 0 or step == args.iters:
-                if G_ada:   # how far AdaFM/FS moved from identity: mean over gamma, beta of |gamma - 1|, |beta|
-                    logs["adafm_dev"] = sum((p.detach() - float(n.endswith("gamma"))).abs().sum()
-                                            for n, p in G.named_parameters()
-                                            if n.endswith(("gamma", "beta"))) / sum(p.numel() for p in G_ada)
-                check_finite(logs, step, args.out)
-                progress(step, **logs)
-            if dist_.is_main and (step % args.sample_every == 0 or step == args.iters):
-                save_grid(sampler.generate(fixed_z), os.path.join(args.out, "samples", f"{step:06d}.png"))
-            if ev is not None and (step % args.eval_every == 0 or step == args.iters):
-                r = ev(lambda n, seed: sampler.sample(n, seed))
-                log_metrics(args.out, {"iter": step, **r})
-                print(f"it {step}: FID {r['fid']:.2f} KID {r['kid']:.4f} ({r['protocol']})", flush=True)
-                if r["fid"] < best:
-                    best = r["fid"]
-                    save(os.path.join(args.out, "ckpt", "best.pt"), step)
-            if step % args.ckpt_every == 0 and step != args.iters:
-                save(last, step)
-            if stop.requested:
-                save(last, step)
-                print(f"interrupted: saved {last} at iteration {step}", file=sys.stderr)
-                dist_.close()
-                sys.exit(130)
-    finally:
-        stop.restore()
-    save(last, step)
-    if dist_.is_main:
-        if head == "style" and args.style_mix > 0:
-            style_mix_grid(sampler, args.style_mix, 4321, os.path.join(args.out, "samples", "style_mix.png"))
-        print(f"done: {args.out} (samples/, ckpt/last.pt)")
-    dist_.close()
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ Implementation choices and deviations (the paper does not specify these):
 - The baseline (--prior none) stores an N x N one-hot prior bank, so it is limited to N <= 20000 images.
 - --init-from (TransferGAN) loads every tensor of G, D (and G_ema) whose name and shape match; the paper fine-tunes
   an ImageNet SNGAN / BigGAN, whose weights are not available here.
+- Style mixing (Sampler.style_mix): the coarse half of G's blocks conditioned on sample a, the fine half on b; the
+  end of a run writes samples/style_mix.png, the grid of eval.py --mix (common.utils.save_style_mix).
 
 Run:      python disp.py --data path/to/100-shot-images --out runs/disp-anime          (paper few-shot setting)
           python disp.py --data digits --res 32 --ch 16 --batch 16 --iters 2000 --prior-weights random  (quick, CPU)
@@ -65,15 +67,16 @@ Run:      python disp.py --data path/to/100-shot-images --out runs/disp-anime   
 Sample:   python disp.py --sample runs/x/ckpt/last.pt --prior-mode gmm --out grids/       (or --prior-from img.png)
           python eval.py ... --sampler-opt prior_mode=gmm (mixup|gmm|train|image) --sampler-opt prior_from=img.png
           (other options: gmm_k, gmm_space=prior|emb, gmm_max, priors=<out>/priors.pt, prior_weights=PATH, psi)
-Bench:    python disp.py --data /work/shared/data/pokemon --max-images 100 --res 128 --bench 3 --prior-weights random
-          (prints the one-off prior extraction time and seconds/iteration of the few-shot 128 px setting; writes only
-          args.json and priors.pt. On the 2-core AMD EPYC dev CPU, load ~2: 23.0 s extraction, 69.7 s/iteration)
+Bench:    python disp.py --res 128 --bench 3 --prior-weights random
+          (seconds/iteration of the few-shot 128 px setting on random images, and the extractor's seconds per image,
+          i.e. the one-off prior extraction of N images takes N times that; writes nothing. Measured: README)
 Offline:  pretrained weights cannot be downloaded without internet: pass --prior-weights PATH (a torchvision
           state_dict, or SimCLR resnet50-1x.pth with a 'state_dict' key). --prior-weights random (random-init
           extractor) exists for tests and studies only: its priors carry no source-domain knowledge.
 """
 import argparse
 import copy
+import itertools
 import os
 import sys
 import time
@@ -88,17 +91,18 @@ from common.data import batch_indices, infinite_batches, load_dataset, load_imag
 from common.diffaug import check_policy, diff_augment
 from common.ema import ema_update, make_ema
 from common.metrics import dataset_fingerprint, sha256_file, training_evaluator
-from common.utils import (BN_MODES, Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite, check_method,
-                          count_params, load_checkpoint, log_metrics, pick_device, prepare_run_dir, resolve_resume, rng_state,
-                          StopOnInterrupt, save_checkpoint, save_grid, seed_everything, restore_rng, batch_stat_bn,
-                          check_bn_mode, recompute_bn_stats, user_errors, SetupInterrupt)
+from common.utils import (BN_MODES, Dist, Progress, SamplerBase, SetupInterrupt, StopOnInterrupt, UserError,
+                          add_common_args, autocast, batch_stat_bn, check_bn_mode, check_finite, check_method,
+                          count_params, load_checkpoint, log_metrics, pick_device, prepare_run_dir, read_resume,
+                          recompute_bn_stats, resume, rng_state, save_checkpoint, save_grid, save_style_mix,
+                          seed_everything, time_steps, user_errors)
 
 METHOD = "disp"
 G_ARCH = {32: [4, 4, 4, 4], 64: [16, 16, 8, 4, 2], 128: [16, 16, 8, 4, 2, 1], 256: [16, 16, 8, 8, 4, 2, 1]}  # x ch
 D_ARCH = {32: [4, 4, 4, 4], 64: [1, 2, 4, 8, 16], 128: [1, 2, 4, 8, 16, 16], 256: [1, 2, 4, 8, 8, 16, 16]}
 D_DOWN = {32: 2, 64: 4, 128: 5, 256: 6}  # the first D_DOWN[res] D blocks halve the resolution, the rest keep it
 PRIOR_LAYERS = {"vgg16": ["fc7", "fc6", "logits"], "resnet50": ["pool", "logits"], "simclr": ["pool", "logits"]}
-RESUME_FLAGS = ("res", "ch", "z_dim", "emb_dim", "no_hier_z", "prior", "freeze_d")  # fix the shapes of G, D, opt_D
+ARCH_FLAGS = ("res", "ch", "z_dim", "emb_dim", "no_hier_z", "prior", "freeze_d")  # fix the shapes of G, D, opt_D
 SAMPLER_OPTS = ("prior_mode", "prior_from", "gmm_k", "gmm_space", "gmm_max", "priors", "prior_weights", "psi", "bn")
 
 
@@ -135,7 +139,8 @@ def parse_args(argv=None):
     g.add_argument("--init-from", default=None,
                    help="TransferGAN: initialise G, D from this GAN checkpoint (tensors with matching names and shapes)")
     g.add_argument("--ckpt-priors", type=int, default=10000, help="at most this many training priors stored in checkpoints")
-    g.add_argument("--bench", type=int, default=0, help="time N iterations after one warm-up, print s/iteration, exit")
+    g.add_argument("--bench", type=int, default=0, help="time N iterations (train_step + EMA) on a random batch at "
+                   "--res/--batch after one warm-up, print s/iteration and the extractor's s/image, exit")
     g.add_argument("--sample", default=None, help="sampling only: write a grid from this checkpoint to --out and exit")
     g.add_argument("--prior-mode", default="mixup", help="with --sample: mixup | gmm | train | image")
     g.add_argument("--prior-from", default=None, help="with --sample: variations of this image (prior_mode image)")
@@ -143,7 +148,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------- priors
+# ------------------------------------------------------- the paper's contribution: data instance priors C(x) [Sec. 3]
 class Extractor(nn.Module):
     """Frozen C: images in [-1, 1] at any resolution -> [N, d] features. Always eval mode, no gradients."""
 
@@ -164,29 +169,6 @@ class Extractor(nn.Module):
         if self.normalize:
             x = (x - self.mean) / self.std
         return self.net(x).flatten(1).float()
-
-
-def _state_dict(prior, weights):
-    import torchvision.models as tvm
-    if weights != "default":
-        if not os.path.isfile(weights):
-            raise UserError(f"--prior-weights {weights}: no such file (a torchvision {prior} state_dict)")
-        try:
-            sd = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot read --prior-weights {weights} ({type(e).__name__}): is it a PyTorch state_dict?")
-        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-        return {k.removeprefix("module."): v for k, v in sd.items()}
-    if prior == "simclr":
-        raise UserError("--prior simclr needs --prior-weights PATH: SimCLR v1 ResNet50-1x converted to PyTorch "
-                        "(resnet50-1x.pth, e.g. with github.com/tonylins/simclr-converter)")
-    w = tvm.VGG16_Weights.IMAGENET1K_V1 if prior == "vgg16" else tvm.ResNet50_Weights.IMAGENET1K_V1
-    try:
-        return w.get_state_dict(progress=True)
-    except Exception as e:
-        raise UserError(f"cannot get the ImageNet {prior} weights ({type(e).__name__}: {str(e)[:120]}): offline? download "
-                        f"{w.url} into {os.path.join(torch.hub.get_dir(), 'checkpoints')} or pass --prior-weights PATH "
-                        "(--prior-weights random is for tests/studies only)")
 
 
 def build_extractor(prior, layer="auto", weights="default", size=224):
@@ -212,99 +194,44 @@ def build_extractor(prior, layer="auto", weights="default", size=224):
     return Extractor(net, size, normalize=prior != "simclr")
 
 
-def prior_settings(args):
-    """The part of prior_key that needs no data (compared with a --resume checkpoint before any data is read)."""
-    w = args.prior_weights
-    if os.path.isfile(w):
-        w = f"{os.path.basename(w)}:{sha256_file(w)[:16]}"
-    return {"res": args.res, "prior": args.prior, "layer": args.prior_layer, "weights": w, "size": args.prior_size}
+# --------------------------------------------------------------------------- sampling priors: mixup [eq. 5], GMM [6]
+def mixup_priors(priors, n, gen):
+    """Vicinal mixup (eq. 5): lam * p_i + (1 - lam) * p_j, lam ~ U[0,1], i, j uniform."""
+    i, j = torch.randint(len(priors), (2, n), generator=gen)
+    lam = torch.rand(n, 1, generator=gen)
+    return lam * priors[i] + (1 - lam) * priors[j]
 
 
-def prior_key(args, ds):
-    """What the priors depend on: the images themselves (pixels, or paths+sizes+mtimes), extractor, layer, weights
-    (a local file by content), input size. Kept with the cache and in every checkpoint."""
-    return {"data": f"{ds.name}:{dataset_fingerprint(ds, range(len(ds)))[:16]}", "n": len(ds), **prior_settings(args)}
+class PriorGMM:
+    """sklearn GaussianMixture on (a subset of) the priors; sampled with a torch Generator (deterministic in seed)."""
+
+    def __init__(self, priors, k=1000, space="prior", max_n=200000, emb=None, seed=0):
+        from sklearn.mixture import GaussianMixture
+        x = priors.double()
+        if len(x) > max_n:
+            x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_n]]
+        self.back = None
+        if space == "emb":  # eq. 6: fit on G_emb(priors); map samples back with pinv(G_emb)
+            W = emb.double().cpu()
+            x, self.back = x @ W.t(), torch.linalg.pinv(W).t()
+        elif space != "prior":
+            raise UserError(f"gmm_space={space}: use prior or emb")
+        self.cov = "full" if space == "emb" else "diag"
+        k = max(1, min(int(k), len(x) // 10))
+        gm = GaussianMixture(k, covariance_type=self.cov, random_state=seed, reg_covar=1e-4, max_iter=100).fit(x.numpy())
+        self.w, self.mu = torch.from_numpy(gm.weights_), torch.from_numpy(gm.means_)
+        cov = torch.from_numpy(gm.covariances_)
+        self.scale = cov.sqrt() if self.cov == "diag" else torch.linalg.cholesky(cov)
+        self.k = k
+
+    def sample(self, n, gen):
+        c = torch.multinomial(self.w, n, replacement=True, generator=gen)
+        eps = torch.randn(n, self.mu.shape[1], generator=gen, dtype=torch.float64)
+        x = self.mu[c] + (self.scale[c] * eps if self.cov == "diag" else (self.scale[c] @ eps[:, :, None])[:, :, 0])
+        return (x @ self.back if self.back is not None else x).float()
 
 
-PRIOR_SAVE_S = 30.0  # the partial prior cache is rewritten at most this often (and at least 10x its write time apart)
-
-
-def get_priors(ds, args, device, cache_path, key=None, chunk=64):
-    """[N, d] priors C(x) of every training image: loaded from cache_path when its key matches, else computed once,
-    `chunk` images per extractor call. The finished rows are kept in <cache_path>.partial (with the key) every
-    PRIOR_SAVE_S seconds and when the extraction stops (Ctrl-C, error): a rerun with the same key continues at the
-    first missing row, with the same chunk boundaries (the same numbers as an uninterrupted extraction)."""
-    key = key or prior_key(args, ds)
-    if os.path.isfile(cache_path):
-        c = torch.load(cache_path, map_location="cpu", weights_only=True)
-        if c.get("key") == key:
-            return c["priors"], 0.0
-        print(f"priors: {cache_path} was made with other settings; recomputing", flush=True)
-    partial = cache_path + ".partial"
-    if args.prior == "none":  # baseline: one one-hot row per image -> G_emb / D_emb columns are per-image embeddings
-        if len(ds) > 20000:
-            raise UserError(f"--prior none keeps an N x N one-hot bank: {len(ds)} images is too many (use --max-images)")
-        priors, dt = torch.eye(len(ds)), 0.0
-    else:
-        t0, N, rows = time.time(), len(ds), []
-        if os.path.isfile(partial):
-            try:
-                c = torch.load(partial, map_location="cpu", weights_only=True)
-            except Exception:  # unreadable (e.g. a full disk): start over
-                c = {}
-            if isinstance(c, dict) and c.get("key") == key and len(c["priors"]) <= N:
-                rows = [c["priors"]]
-                print(f"priors: resuming the extraction at row {len(c['priors'])} of {N} ({partial})", flush=True)
-        done = saved = sum(len(r) for r in rows)
-
-        def keep():  # finished rows -> <cache>.partial (temp file + rename)
-            nonlocal saved
-            save_checkpoint({"key": key, "priors": torch.cat(rows)}, partial)
-            saved = done
-
-        try:
-            C = build_extractor(args.prior, args.prior_layer, args.prior_weights, args.prior_size).to(device)
-            if ds.images is not None:
-                chunks = (ds.images[i:i + chunk] for i in range(done, N, chunk))
-            else:
-                chunks = torch.utils.data.DataLoader(torch.utils.data.Subset(ds.files, range(done, N)),
-                                                     batch_size=chunk, num_workers=args.workers)
-            t_keep, every = time.time(), PRIOR_SAVE_S
-            for xb in chunks:
-                rows.append(C(xb.to(device).float() / 127.5 - 1).cpu())
-                done += len(xb)
-                if done < N and time.time() - t_keep >= every:
-                    t = time.time()
-                    keep()
-                    t_keep, every = time.time(), max(PRIOR_SAVE_S, 10 * (time.time() - t))  # writes <= 10% of the time
-                    print(f"priors: {done}/{N} rows (kept in {partial})", flush=True)
-        except BaseException as e:  # Ctrl-C or an error: keep the finished rows, a rerun continues from them
-            if done > saved:
-                keep()
-            if isinstance(e, KeyboardInterrupt):
-                raise KeyboardInterrupt(f"prior extraction {done}/{N} rows saved in {partial}; rerun the same "
-                                        "command to continue") from None
-            raise
-        priors = torch.cat(rows)
-        dt = time.time() - t0
-        layer = PRIOR_LAYERS[args.prior][0] if args.prior_layer == "auto" else args.prior_layer
-        print(f"priors: {args.prior} ({layer}, weights {args.prior_weights}) of {len(ds)} images -> "
-              f"{tuple(priors.shape)} in {dt:.1f} s (cached at {cache_path})", flush=True)
-    save_checkpoint({"key": key, "priors": priors}, cache_path)
-    if os.path.isfile(partial):
-        os.remove(partial)
-    return priors, dt
-
-
-def check_prior_key(have, want, what):
-    """A generator trained on one prior bank must not silently continue/sample with another (same shape, other data)."""
-    if have is not None and want is not None and have != want:
-        diff = ", ".join(f"{k}: {have.get(k)} vs {want.get(k)}" for k in want if have.get(k) != want.get(k))
-        raise UserError(f"{what} were made from other images or another extractor ({diff}): "
-                        "use the run's own --data/--prior flags and priors.pt, or start a new --out")
-
-
-# ----------------------------------------------------------------------------- models
+# -------------------------------------------- the backbone: SNGAN/BigGAN ResNet G with conditional BN, projection D
 def sn_conv(cin, cout, k=3):
     return spectral_norm(nn.Conv2d(cin, cout, k, padding=k // 2))
 
@@ -430,7 +357,123 @@ def build_models(args, prior_dim):
     return G, D
 
 
-# ----------------------------------------------------------------------------- losses
+# ----------------------------------------------------- the prior bank: extracted once, cached in <out>/priors.pt
+def _state_dict(prior, weights):
+    import torchvision.models as tvm
+    if weights != "default":
+        if not os.path.isfile(weights):
+            raise UserError(f"--prior-weights {weights}: no such file (a torchvision {prior} state_dict)")
+        try:
+            sd = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read --prior-weights {weights} ({type(e).__name__}): is it a PyTorch state_dict?")
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+        return {k.removeprefix("module."): v for k, v in sd.items()}
+    if prior == "simclr":
+        raise UserError("--prior simclr needs --prior-weights PATH: SimCLR v1 ResNet50-1x converted to PyTorch "
+                        "(resnet50-1x.pth, e.g. with github.com/tonylins/simclr-converter)")
+    w = tvm.VGG16_Weights.IMAGENET1K_V1 if prior == "vgg16" else tvm.ResNet50_Weights.IMAGENET1K_V1
+    try:
+        return w.get_state_dict(progress=True)
+    except Exception as e:
+        raise UserError(f"cannot get the ImageNet {prior} weights ({type(e).__name__}: {str(e)[:120]}): offline? download "
+                        f"{w.url} into {os.path.join(torch.hub.get_dir(), 'checkpoints')} or pass --prior-weights PATH "
+                        "(--prior-weights random is for tests/studies only)")
+
+
+def prior_settings(args):
+    """The part of prior_key that needs no data (compared with a --resume checkpoint before any data is read)."""
+    w = args.prior_weights
+    if os.path.isfile(w):
+        w = f"{os.path.basename(w)}:{sha256_file(w)[:16]}"
+    return {"res": args.res, "prior": args.prior, "layer": args.prior_layer, "weights": w, "size": args.prior_size}
+
+
+def prior_key(args, ds):
+    """What the priors depend on: the images themselves (pixels, or paths+sizes+mtimes), extractor, layer, weights
+    (a local file by content), input size. Kept with the cache and in every checkpoint."""
+    return {"data": f"{ds.name}:{dataset_fingerprint(ds, range(len(ds)))[:16]}", "n": len(ds), **prior_settings(args)}
+
+
+PRIOR_SAVE_S = 30.0  # the partial prior cache is rewritten at most this often (and at least 10x its write time apart)
+
+
+def get_priors(ds, args, device, cache_path, key=None, chunk=64):
+    """[N, d] priors C(x) of every training image: loaded from cache_path when its key matches, else computed once,
+    `chunk` images per extractor call. The finished rows are kept in <cache_path>.partial (with the key) every
+    PRIOR_SAVE_S seconds and when the extraction stops (Ctrl-C, error): a rerun with the same key continues at the
+    first missing row, with the same chunk boundaries (the same numbers as an uninterrupted extraction)."""
+    key = key or prior_key(args, ds)
+    if os.path.isfile(cache_path):
+        c = torch.load(cache_path, map_location="cpu", weights_only=True)
+        if c.get("key") == key:
+            return c["priors"], 0.0
+        print(f"priors: {cache_path} was made with other settings; recomputing", flush=True)
+    partial = cache_path + ".partial"
+    if args.prior == "none":  # baseline: one one-hot row per image -> G_emb / D_emb columns are per-image embeddings
+        if len(ds) > 20000:
+            raise UserError(f"--prior none keeps an N x N one-hot bank: {len(ds)} images is too many (use --max-images)")
+        priors, dt = torch.eye(len(ds)), 0.0
+    else:
+        t0, N, rows = time.time(), len(ds), []
+        if os.path.isfile(partial):
+            try:
+                c = torch.load(partial, map_location="cpu", weights_only=True)
+            except Exception:  # unreadable (e.g. a full disk): start over
+                c = {}
+            if isinstance(c, dict) and c.get("key") == key and len(c["priors"]) <= N:
+                rows = [c["priors"]]
+                print(f"priors: resuming the extraction at row {len(c['priors'])} of {N} ({partial})", flush=True)
+        done = saved = sum(len(r) for r in rows)
+
+        def keep():  # finished rows -> <cache>.partial (temp file + rename)
+            nonlocal saved
+            save_checkpoint({"key": key, "priors": torch.cat(rows)}, partial)
+            saved = done
+
+        try:
+            C = build_extractor(args.prior, args.prior_layer, args.prior_weights, args.prior_size).to(device)
+            if ds.images is not None:
+                chunks = (ds.images[i:i + chunk] for i in range(done, N, chunk))
+            else:
+                chunks = torch.utils.data.DataLoader(torch.utils.data.Subset(ds.files, range(done, N)),
+                                                     batch_size=chunk, num_workers=args.workers)
+            t_keep, every = time.time(), PRIOR_SAVE_S
+            for xb in chunks:
+                rows.append(C(xb.to(device).float() / 127.5 - 1).cpu())
+                done += len(xb)
+                if done < N and time.time() - t_keep >= every:
+                    t = time.time()
+                    keep()
+                    t_keep, every = time.time(), max(PRIOR_SAVE_S, 10 * (time.time() - t))  # writes <= 10% of the time
+                    print(f"priors: {done}/{N} rows (kept in {partial})", flush=True)
+        except BaseException as e:  # Ctrl-C or an error: keep the finished rows, a rerun continues from them
+            if done > saved:
+                keep()
+            if isinstance(e, KeyboardInterrupt):
+                raise KeyboardInterrupt(f"prior extraction {done}/{N} rows saved in {partial}; rerun the same "
+                                        "command to continue") from None
+            raise
+        priors = torch.cat(rows)
+        dt = time.time() - t0
+        layer = PRIOR_LAYERS[args.prior][0] if args.prior_layer == "auto" else args.prior_layer
+        print(f"priors: {args.prior} ({layer}, weights {args.prior_weights}) of {len(ds)} images -> "
+              f"{tuple(priors.shape)} in {dt:.1f} s (cached at {cache_path})", flush=True)
+    save_checkpoint({"key": key, "priors": priors}, cache_path)
+    if os.path.isfile(partial):
+        os.remove(partial)
+    return priors, dt
+
+
+def check_prior_key(have, want, what):
+    """A generator trained on one prior bank must not silently continue/sample with another (same shape, other data)."""
+    if have is not None and want is not None and have != want:
+        diff = ", ".join(f"{k}: {have.get(k)} vs {want.get(k)}" for k in want if have.get(k) != want.get(k))
+        raise UserError(f"{what} were made from other images or another extractor ({diff}): "
+                        "use the run's own --data/--prior flags and priors.pt, or start a new --out")
+
+
+# ---------------------------------------------- one iteration [Alg. 1]: the losses (Table 10: --loss ns|wgan), the step
 def d_loss(real, fake, kind="hinge"):
     if kind == "hinge":
         return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
@@ -443,43 +486,242 @@ def g_loss(fake, kind="hinge"):
     return F.softplus(-fake).mean() if kind == "ns" else -fake.mean()
 
 
-# ----------------------------------------------------------------------------- sampling
-def mixup_priors(priors, n, gen):
-    """Vicinal mixup (eq. 5): lam * p_i + (1 - lam) * p_j, lam ~ U[0,1], i, j uniform."""
-    i, j = torch.randint(len(priors), (2, n), generator=gen)
-    lam = torch.rand(n, 1, generator=gen)
-    return lam * priors[i] + (1 - lam) * priors[j]
+def train_step(G, D, opt_G, opt_D, real, args, device, G_plain=None, D_plain=None):
+    """Alg. 1: one D update per (x, p) pair of `real` (--d-steps of them: a real batch x and its priors p = C(x)),
+    each with the fake G(z | p) conditioned on the SAME priors (lines 3-10), then one G update with the priors of
+    the last pair (lines 11-15). G, D may be DDP wrappers; G_plain, D_plain are the networks themselves (no-grad
+    fakes; the G step's D, without gradient sync and without D weight gradients). Returns detached losses."""
+    G_plain, D_plain = G_plain or G, D_plain or D
+    aug = (lambda x: diff_augment(x, args.diffaug)) if args.diffaug else (lambda x: x)
+    d_params = [q for q in D_plain.parameters() if q.requires_grad]  # FreezeD: the frozen blocks stay out
+    for x, p in real:
+        B = x.shape[0]
+        with torch.no_grad(), autocast(device, args.amp):
+            xf = G_plain(torch.randn(B, args.z_dim, device=device), p)  # fake conditioned on the same C(x)
+        with autocast(device, args.amp):
+            ins = [aug(x), aug(xf)] + ([aug(x)] if args.cr > 0 else [])
+            out = D(torch.cat(ins), p.repeat(len(ins), 1)).float()
+            loss_d = d_loss(out[:B], out[B:2 * B], args.loss)
+            if args.cr > 0:  # consistency regularisation: two DiffAugment views of the reals
+                loss_d = loss_d + args.cr * (out[:B] - out[2 * B:]).pow(2).mean()
+        opt_D.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_D.step()
+    for q in d_params:
+        q.requires_grad_(False)
+    with autocast(device, args.amp):
+        loss_g = g_loss(D_plain(aug(G(torch.randn(B, args.z_dim, device=device), p)), p).float(), args.loss)
+    opt_G.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_G.step()
+    for q in d_params:
+        q.requires_grad_(True)
+    return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
 
 
-class PriorGMM:
-    """sklearn GaussianMixture on (a subset of) the priors; sampled with a torch Generator (deterministic in seed)."""
-
-    def __init__(self, priors, k=1000, space="prior", max_n=200000, emb=None, seed=0):
-        from sklearn.mixture import GaussianMixture
-        x = priors.double()
-        if len(x) > max_n:
-            x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_n]]
-        self.back = None
-        if space == "emb":  # eq. 6: fit on G_emb(priors); map samples back with pinv(G_emb)
-            W = emb.double().cpu()
-            x, self.back = x @ W.t(), torch.linalg.pinv(W).t()
-        elif space != "prior":
-            raise UserError(f"gmm_space={space}: use prior or emb")
-        self.cov = "full" if space == "emb" else "diag"
-        k = max(1, min(int(k), len(x) // 10))
-        gm = GaussianMixture(k, covariance_type=self.cov, random_state=seed, reg_covar=1e-4, max_iter=100).fit(x.numpy())
-        self.w, self.mu = torch.from_numpy(gm.weights_), torch.from_numpy(gm.means_)
-        cov = torch.from_numpy(gm.covariances_)
-        self.scale = cov.sqrt() if self.cov == "diag" else torch.linalg.cholesky(cov)
-        self.k = k
-
-    def sample(self, n, gen):
-        c = torch.multinomial(self.w, n, replacement=True, generator=gen)
-        eps = torch.randn(n, self.mu.shape[1], generator=gen, dtype=torch.float64)
-        x = self.mu[c] + (self.scale[c] * eps if self.cov == "diag" else (self.scale[c] @ eps[:, :, None])[:, :, 0])
-        return (x @ self.back if self.back is not None else x).float()
+def ema_beta(args, it):
+    """EMA decay after iteration it + 1: --ema-beta from --ema-start on, 0 (a copy of G) before."""
+    return args.ema_beta if it >= args.ema_start else 0.0
 
 
+# ------------------------------------------------------------------------------------------------- training run
+# main -> check_args -> bench | run. run() is the same text in fastgan.py, insgen.py, adafm.py and disp.py except
+# the lines marked `# method`: data, networks, resume, DDP, sampler and evaluator, then the loop (batch, train_step,
+# EMA, progress, Ctrl-C, samples, evaluation, checkpoint), then last.pt and the style-mixing grid.
+def check_args(args):
+    """Every flag, before any data is read, prior extracted or network built."""
+    if args.res not in G_ARCH:
+        raise UserError(f"--res {args.res} is not supported by disp.py: use one of {sorted(G_ARCH)}")
+    check_policy(args.diffaug, "--diffaug")
+    if args.prior != "none" and args.prior_layer not in ["auto"] + PRIOR_LAYERS[args.prior]:
+        raise UserError(f"--prior-layer {args.prior_layer} is not available for {args.prior}: {PRIOR_LAYERS[args.prior]}")
+    if args.freeze_d < 0 or args.freeze_d >= len(D_ARCH.get(args.res, [])):
+        raise UserError(f"--freeze-d {args.freeze_d}: must be in [0, number of D blocks - 1]")
+    if args.cr and not args.diffaug:
+        raise UserError("--cr compares two DiffAugment views of the reals; without --diffaug it is 0: add e.g. "
+                        "--diffaug translation,cutout,color")
+
+
+def prior_batches(ds, priors, args, batch, start, dist):
+    """Per iteration the --d-steps real batches of Alg. 1, each with the priors of its images (rows of `priors`)."""
+    xs = infinite_batches(ds, batch, args.seed, start * args.d_steps, not args.no_flip, dist.rank, dist.world,
+                          args.workers, dist.device)
+    for it in itertools.count(start):
+        yield [(next(xs), priors[batch_indices(len(ds), batch, args.seed, it * args.d_steps + t, dist.rank,
+                                               dist.world).to(dist.device)]) for t in range(args.d_steps)]
+
+
+def build(args, prior_dim, device):
+    """G, D (the first --freeze-d D blocks frozen: FreezeD) and the Adams of their trainable parameters."""
+    G, D = build_models(args, prior_dim)
+    G, D = G.to(device), D.to(device)
+    for blk in D.blocks[:args.freeze_d]:  # FreezeD
+        blk.requires_grad_(False)
+    opt_G = torch.optim.Adam(G.parameters(), args.lr, betas=tuple(args.betas))
+    opt_D = torch.optim.Adam([p for p in D.parameters() if p.requires_grad], args.lr, betas=tuple(args.betas))
+    return G, D, opt_G, opt_D
+
+
+def transfer_init(path, G, D, G_ema):
+    """TransferGAN: copy every tensor whose name and shape match (the prior embeddings usually do not)."""
+    src = load_checkpoint(path)
+    if not isinstance(src, dict) or "G" not in src or "D" not in src:
+        raise UserError(f"--init-from {path}: not a GAN checkpoint with 'G' and 'D' entries")
+    report = []
+    for name, net, sd in (("G", G, src["G"]), ("D", D, src["D"]), ("G_ema", G_ema, src.get("G_ema", src["G"]))):
+        own = net.state_dict()
+        ok = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+        if len(ok) < len(own) // 2:
+            raise UserError(f"--init-from {path}: only {len(ok)}/{len(own)} {name} tensors match this architecture "
+                            "(same --res and --ch needed)")
+        net.load_state_dict(ok, strict=False)
+        report.append(f"{name} {len(ok)}/{len(own)}")
+    print("init-from:", ", ".join(report), "tensors loaded", flush=True)
+
+
+def bench(args):
+    """--bench N: seconds per iteration (train_step + EMA) on random images at --res/--batch (--d-steps D steps),
+    and the extractor's seconds per image (the prior extraction of N images takes N times that); writes nothing."""
+    device = Dist(args.device).device
+    seed_everything(args.seed)
+    x = torch.rand(args.batch, 3, args.res, args.res, device=device) * 2 - 1
+    t_prior = 0.0
+    if args.prior == "none":  # one-hot priors of a set of --batch images
+        p = torch.eye(args.batch, device=device)
+    else:
+        C = build_extractor(args.prior, args.prior_layer, args.prior_weights, args.prior_size).to(device)
+        t_prior = min(time_steps(lambda: C(x), 1, device)) / args.batch
+        p = C(x)
+    G, D, opt_G, opt_D = build(args, p.shape[1], device)
+    G_ema = make_ema(G)
+    real = [(x, p)] * args.d_steps
+
+    def step():
+        train_step(G, D, opt_G, opt_D, real, args, device)
+        ema_update(G_ema, G, args.ema_beta)
+
+    dt = sum(time_steps(step, args.bench, device)[1:]) / args.bench
+    print(f"bench: {dt:.3f} s/iteration ({args.res}px, batch {args.batch}, {args.d_steps} D steps, ch {args.ch}, "
+          f"amp {args.amp}, {device}); prior extraction {t_prior:.4f} s/image ({args.prior} at {args.prior_size}px)",
+          flush=True)
+    return dt
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with user_errors(), SetupInterrupt() as setup:  # an error: one line, exit 2; Ctrl-C before the loop: exit 130
+        if args.sample:
+            return sample_only(args)
+        check_args(args)
+        if args.bench:
+            return bench(args)
+        run(args, setup)
+
+
+def sample_only(args):
+    dev = pick_device(args.device)
+    s = load_for_sampling(load_checkpoint(args.sample), dev, prior_mode=args.prior_mode, prior_from=args.prior_from)
+    out = os.path.join(args.out or ".", f"samples_{s.prior_mode}.png")
+    save_grid(s.sample(args.n, args.seed), out)
+    print("wrote", out)
+
+
+def run(args, setup=None):
+    dist = Dist(args.device)
+    device, batch = dist.device, dist.per_rank_batch(args.batch)
+    ck, path = read_resume(args, METHOD, ARCH_FLAGS)  # readable, same method and networks: checked first
+    if ck and ck.get("prior_key"):  # method: the prior settings too (the data part of the key: after loading)
+        now = prior_settings(args)
+        check_prior_key({k: ck["prior_key"].get(k) for k in now}, now, f"the priors of checkpoint {path}")
+    seed_everything(args.seed + dist.rank)
+    ds = load_dataset(args.data, args.res, args.data_root, args.crop)
+    if args.max_images and args.max_images < len(ds):  # method
+        ds = (Dataset(ds.name, ds.res, images=ds.images[:args.max_images]) if ds.images is not None else
+              Dataset(ds.name, ds.res, files=ImageFiles(ds.files.paths[:args.max_images], ds.res, args.crop)))
+    out = prepare_run_dir(args, METHOD, dist.is_main)
+    cache, key = os.path.join(out, "priors.pt"), prior_key(args, ds)  # method: key hashes the images once
+    if dist.is_main:  # method: rank 0 extracts (or loads) the priors, the other ranks then load its cache
+        priors = get_priors(ds, args, device, cache, key)[0]
+    dist.barrier()
+    if not dist.is_main:  # method
+        priors = get_priors(ds, args, device, cache, key)[0]
+    G, D, opt_G, opt_D = build(args, priors.shape[1], device)  # method
+    G_ema = make_ema(G)
+    saved = {"G": G, "D": D, "G_ema": G_ema, "opt_G": opt_G, "opt_D": opt_D}  # checkpoint entry -> its object
+    if ck:  # method
+        check_prior_key(ck.get("prior_key"), key, f"the priors of checkpoint {path}")
+    start, best = resume(ck, path, saved, dist, args) if ck else (0, float("inf"))
+    if not ck and args.init_from:  # method: TransferGAN
+        transfer_init(args.init_from, G, D, G_ema)
+    elif not ck and args.freeze_d and dist.is_main:  # method
+        print(f"warning: --freeze-d {args.freeze_d} without --init-from freezes randomly initialised D blocks "
+              "(FreezeD is meant for fine-tuning a pretrained GAN)", flush=True)
+    G_run, D_run = dist.wrap(G), dist.wrap(D)
+    ckpt_priors = priors if len(ds) <= args.ckpt_priors else \
+        priors[torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed))[:args.ckpt_priors]]  # method
+
+    def state(step, **extra):  # the checkpoint: `saved`, the RNGs, the best FID (resume() loads the same entries)
+        return {"method": METHOD, "args": vars(args), "step": step, "rng": rng_state(), "best_fid": best,
+                **{k: v.state_dict() for k, v in saved.items()}, **extra,
+                "prior_dim": priors.shape[1], "priors": ckpt_priors, "prior_key": key}  # method: what sampling needs
+
+    def ema_sampler():  # G_ema as eval.py samples it
+        bn = sample_bn(args)  # method: --sample-bn; recompute works on a copy (G_ema keeps G's statistics)
+        return Sampler(copy.deepcopy(G_ema) if bn == "recompute" else G_ema, priors, args, device, bn=bn)  # method
+
+    gen = torch.Generator().manual_seed(1234)  # method: fixed latents, z and mixups of training priors
+    fixed_z = torch.cat([torch.randn(36, args.z_dim, generator=gen), mixup_priors(priors, 36, gen)], 1).to(device)
+    evaluator = training_evaluator(ds, device, args, dist.is_main)
+    batches = prior_batches(ds, priors.to(device), args, batch, start, dist)  # method: (x, C(x)) x --d-steps
+    progress = Progress(args.iters, start, args.log_every, dist.is_main, out)
+    if dist.is_main:
+        print(f"{METHOD} | {args.data} ({len(ds)} images) {args.res}px | prior {args.prior} {tuple(priors.shape)} | "
+              f"G {count_params(G) / 1e6:.2f}M D {count_params(D) / 1e6:.2f}M params | D feature {D.feat_dim} | "
+              f"batch {args.batch} d_steps {args.d_steps} | betas {tuple(args.betas)}", flush=True)  # method
+    stop = StopOnInterrupt(dist.is_main)  # Ctrl-C: finish the iteration, save last.pt, exit 130
+    if setup:
+        setup.done()
+    step, sampler = start, None
+    try:
+        for it in range(start, args.iters):  # it: the iterations done before this one
+            step, last = it + 1, it + 1 == args.iters
+            real = next(batches)
+            losses = train_step(G_run, D_run, opt_G, opt_D, real, args, device, G, D)  # method
+            ema_update(G_ema, G, ema_beta(args, it))  # parameters averaged, buffers copied (ema_beta: the decay)
+            if step % args.log_every == 0 or step % args.ckpt_every == 0 or last:
+                check_finite(losses, step, out)
+            progress(step, **losses)
+            if stop.requested:
+                if dist.is_main:
+                    save_checkpoint(state(step), os.path.join(out, "ckpt", "last.pt"))
+                    print(f"interrupted: saved {os.path.join(out, 'ckpt', 'last.pt')} at iteration {step}", flush=True)
+                sys.exit(130)
+            if not dist.is_main:
+                continue
+            sample_now = step % args.sample_every == 0 or last
+            eval_now = evaluator is not None and (step % args.eval_every == 0 or last)
+            sampler = ema_sampler() if sample_now or eval_now else sampler
+            if sample_now:
+                save_grid(sampler.generate(fixed_z), os.path.join(out, "samples", f"{step:06d}.png"))
+            if eval_now:
+                m = evaluator(sampler.sample)
+                log_metrics(out, {"iter": step, **m})
+                print(f"eval it {step}: fid {m['fid']:.2f} kid {m['kid']:.4f} ({m['protocol']})", flush=True)
+                if m["fid"] < best:
+                    best = m["fid"]
+                    save_checkpoint(state(step, metrics=m), os.path.join(out, "ckpt", "best.pt"))
+            if step % args.ckpt_every == 0 and not last:
+                save_checkpoint(state(step), os.path.join(out, "ckpt", "last.pt"))
+        if dist.is_main:  # the end: last.pt (with --iters 0: the initial networks) and the style-mixing grid
+            save_checkpoint(state(step), os.path.join(out, "ckpt", "last.pt"))
+            save_style_mix(sampler or ema_sampler(), os.path.join(out, "samples", "style_mix.png"), args.seed)
+            print(f"done: {out} (samples/, ckpt/last.pt)", flush=True)
+    finally:
+        stop.restore()
+        dist.close()
+
+
+# -------------------------------------------------------------------------------------- sampling (eval.py contract)
 class Sampler(SamplerBase):
     """eval.py contract. latents = [z ; prior] ([n, z_dim + prior_dim]); the prior part is drawn by `prior_mode`
     (settable attribute): mixup (default) | gmm | train | image (needs prior_from)."""
@@ -576,213 +818,6 @@ def load_for_sampling(ckpt, device, **opts):
         priors = ckpt["priors"]
     opts.setdefault("bn", sample_bn(a))
     return Sampler(G.to(device).eval(), priors, a, device, **opts)
-
-
-# ----------------------------------------------------------------------------- training
-def transfer_init(path, G, D, G_ema):
-    """TransferGAN: copy every tensor whose name and shape match (the prior embeddings usually do not)."""
-    src = load_checkpoint(path)
-    if not isinstance(src, dict) or "G" not in src or "D" not in src:
-        raise UserError(f"--init-from {path}: not a GAN checkpoint with 'G' and 'D' entries")
-    report = []
-    for name, net, sd in (("G", G, src["G"]), ("D", D, src["D"]), ("G_ema", G_ema, src.get("G_ema", src["G"]))):
-        own = net.state_dict()
-        ok = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
-        if len(ok) < len(own) // 2:
-            raise UserError(f"--init-from {path}: only {len(ok)}/{len(own)} {name} tensors match this architecture "
-                            "(same --res and --ch needed)")
-        net.load_state_dict(ok, strict=False)
-        report.append(f"{name} {len(ok)}/{len(own)}")
-    print("init-from:", ", ".join(report), "tensors loaded", flush=True)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    with user_errors():
-        if args.sample:
-            return sample_only(args)
-        with SetupInterrupt() as setup:  # Ctrl-C before the training loop: one line, exit 130
-            train(args, setup)
-
-
-def sample_only(args):
-    dev = pick_device(args.device)
-    s = load_for_sampling(load_checkpoint(args.sample), dev, prior_mode=args.prior_mode, prior_from=args.prior_from)
-    out = os.path.join(args.out or ".", f"samples_{s.prior_mode}.png")
-    save_grid(s.sample(args.n, args.seed), out)
-    print("wrote", out)
-
-
-def train(args, setup=None):
-    dist_ = Dist(args.device)
-    dev, is_main = dist_.device, dist_.is_main
-    B = dist_.per_rank_batch(args.batch)
-    if args.res not in G_ARCH:
-        raise UserError(f"--res {args.res} is not supported by disp.py: use one of {sorted(G_ARCH)}")
-    check_policy(args.diffaug, "--diffaug")
-    if args.prior != "none" and args.prior_layer not in ["auto"] + PRIOR_LAYERS[args.prior]:
-        raise UserError(f"--prior-layer {args.prior_layer} is not available for {args.prior}: {PRIOR_LAYERS[args.prior]}")
-    if args.freeze_d < 0 or args.freeze_d >= len(D_ARCH.get(args.res, [])):
-        raise UserError(f"--freeze-d {args.freeze_d}: must be in [0, number of D blocks - 1]")
-    if args.cr and not args.diffaug:
-        raise UserError("--cr compares two DiffAugment views of the reals; without --diffaug it is 0: add e.g. "
-                        "--diffaug translation,cutout,color")
-    path = resolve_resume(args)
-    ck = load_checkpoint(path) if path else None
-    if ck is not None:  # before any data or prior is computed (minutes): the checkpoint and the flags it fixes
-        check_method(ck, METHOD, path)
-        for k in RESUME_FLAGS:
-            if k in ck["args"] and ck["args"][k] != getattr(args, k):
-                raise UserError(f"checkpoint {path} was trained with --{k.replace('_', '-')} {ck['args'][k]}, this run "
-                                f"asks for {getattr(args, k)}: use the same flags (or a new --out)")
-        if ck.get("prior_key"):
-            now = prior_settings(args)  # the key's data part (fingerprint, count) is checked after loading
-            check_prior_key({k: ck["prior_key"].get(k) for k in now}, now, f"the priors of checkpoint {path}")
-    prepare_run_dir(args, METHOD, is_main)
-    seed_everything(args.seed + dist_.rank)
-    ds = load_dataset(args.data, args.res, args.data_root, args.crop)
-    if args.max_images and args.max_images < len(ds):
-        ds = (Dataset(ds.name, ds.res, images=ds.images[:args.max_images]) if ds.images is not None else
-              Dataset(ds.name, ds.res, files=ImageFiles(ds.files.paths[:args.max_images], ds.res, args.crop)))
-    N, cache, key = len(ds), os.path.join(args.out, "priors.pt"), prior_key(args, ds)  # key: hashes the images once
-    if is_main:
-        priors, t_prior = get_priors(ds, args, dev, cache, key)
-    dist_.barrier()
-    if not is_main:
-        priors, t_prior = get_priors(ds, args, dev, cache, key)
-    prior_dim = priors.shape[1]
-    priors_dev = priors.to(dev)
-
-    G, D = build_models(args, prior_dim)
-    G, D = G.to(dev), D.to(dev)
-    for blk in D.blocks[:args.freeze_d]:  # FreezeD
-        blk.requires_grad_(False)
-    d_params = [p for p in D.parameters() if p.requires_grad]
-    G_ema = make_ema(G)
-    opt_G = torch.optim.Adam(G.parameters(), args.lr, betas=tuple(args.betas))
-    opt_D = torch.optim.Adam(d_params, args.lr, betas=tuple(args.betas))
-    start, best_fid = 0, float("inf")
-    gen = torch.Generator().manual_seed(1234)  # fixed sample latents: mixup of training priors
-    fixed = torch.cat([torch.randn(36, args.z_dim, generator=gen), mixup_priors(priors, 36, gen)], 1).to(dev)
-
-    def ema_sampler():  # G_ema as eval.py samples it (--sample-bn); recompute works on a copy: G_ema keeps G's stats
-        bn = sample_bn(args)
-        return Sampler(copy.deepcopy(G_ema) if bn == "recompute" else G_ema, priors, args, dev, bn=bn)
-
-    ckpt_priors = priors
-    if N > args.ckpt_priors:
-        ckpt_priors = priors[torch.randperm(N, generator=torch.Generator().manual_seed(args.seed))[:args.ckpt_priors]]
-
-    if ck is not None:
-        try:
-            G.load_state_dict(ck["G"]), D.load_state_dict(ck["D"]), G_ema.load_state_dict(ck["G_ema"])
-            opt_G.load_state_dict(ck["opt_G"]), opt_D.load_state_dict(ck["opt_D"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"checkpoint {path} does not match these flags (--res/--ch/--prior/--max-images/--freeze-d?): "
-                            f"{str(e).splitlines()[0][:150]}")
-        check_prior_key(ck.get("prior_key"), key, f"the priors of checkpoint {path}")
-        start, best_fid = ck["step"], ck.get("best_fid", best_fid)
-        restore_rng(ck["rng"], dist_.rank, args.seed, start)
-        if is_main:
-            print(f"resumed from {path} at iteration {start}", flush=True)
-    elif args.init_from:
-        transfer_init(args.init_from, G, D, G_ema)
-    elif args.freeze_d and is_main:
-        print(f"warning: --freeze-d {args.freeze_d} without --init-from freezes randomly initialised D blocks "
-              "(FreezeD is meant for fine-tuning a pretrained GAN)", flush=True)
-
-    G_raw, D_raw = G, D
-    if dist_.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ids = [dev.index] if dev.type == "cuda" else None
-        G, D = DDP(G, device_ids=ids), DDP(D, device_ids=ids)
-
-    def ckpt_dict(step):
-        return {"method": METHOD, "args": vars(args), "step": step, "G": G_raw.state_dict(), "D": D_raw.state_dict(),
-                "G_ema": G_ema.state_dict(), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
-                "rng": rng_state(), "best_fid": best_fid, "prior_dim": prior_dim, "priors": ckpt_priors,
-                "prior_key": key}
-
-    if is_main and not args.bench:
-        print(f"disp | {args.data} ({N} images) {args.res}px | prior {args.prior} {tuple(priors.shape)} | "
-              f"G {count_params(G_raw) / 1e6:.2f}M D {count_params(D_raw) / 1e6:.2f}M params | D feature "
-              f"{D_raw.feat_dim} | batch {args.batch} d_steps {args.d_steps} | betas {tuple(args.betas)}", flush=True)
-    ev = training_evaluator(ds, dev, args, is_main)
-
-    aug = (lambda x: diff_augment(x, args.diffaug)) if args.diffaug else (lambda x: x)
-    batches = infinite_batches(ds, B, args.seed, start * args.d_steps, not args.no_flip, dist_.rank, dist_.world,
-                               args.workers, dev)
-    prog = Progress(args.iters, start, args.log_every, is_main and not args.bench, args.out)
-    amp = args.amp
-    step, t_bench = start, None
-    stop = StopOnInterrupt(is_main)  # Ctrl-C: finish the iteration, save last.pt, exit 130
-    if setup:
-        setup.done()
-    try:
-        for it in range(start, args.iters):
-            if args.bench and it == start + 1:
-                t_bench = time.time()
-            for t in range(args.d_steps):  # Alg. 1 lines 3-10
-                x = next(batches)
-                idx = batch_indices(N, B, args.seed, it * args.d_steps + t, dist_.rank, dist_.world)
-                p = priors_dev[idx.to(dev)]
-                with torch.no_grad(), autocast(dev, amp):
-                    xf = G_raw(torch.randn(B, args.z_dim, device=dev), p)  # fake conditioned on the same C(x)
-                with autocast(dev, amp):
-                    ins = [aug(x), aug(xf)] + ([aug(x)] if args.cr > 0 else [])
-                    out = D(torch.cat(ins), p.repeat(len(ins), 1)).float()
-                    loss_d = d_loss(out[:B], out[B:2 * B], args.loss)
-                    if args.cr > 0:
-                        loss_d = loss_d + args.cr * (out[:B] - out[2 * B:]).pow(2).mean()
-                opt_D.zero_grad(set_to_none=True)
-                loss_d.backward()
-                opt_D.step()
-            for q in d_params:  # G step (lines 11-15); raw D: no gradient sync, no D gradients
-                q.requires_grad_(False)
-            with autocast(dev, amp):
-                loss_g = g_loss(D_raw(aug(G(torch.randn(B, args.z_dim, device=dev), p)), p).float(), args.loss)
-            opt_G.zero_grad(set_to_none=True)
-            loss_g.backward()
-            opt_G.step()
-            for q in d_params:
-                q.requires_grad_(True)
-            ema_update(G_ema, G_raw, args.ema_beta if it >= args.ema_start else 0.0, copy_buffers=True)
-            step = it + 1
-            if args.bench and step == start + 1 + args.bench:
-                dt = (time.time() - t_bench) / args.bench
-                print(f"benchmark: {dt:.3f} s/iteration ({args.res}px, batch {args.batch}, {args.d_steps} D steps, "
-                      f"ch {args.ch}, amp {args.amp}, {dev}); prior extraction {t_prior:.1f} s for {N} images "
-                      f"({args.prior} at {args.prior_size}px)", flush=True)
-                break
-            if step % args.log_every == 0 or step == args.iters:
-                check_finite({"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}, step, args.out)
-            prog(step, loss_d=loss_d.detach(), loss_g=loss_g.detach())
-            if stop.requested:
-                if is_main:
-                    save_checkpoint(ckpt_dict(step), os.path.join(args.out, "ckpt", "last.pt"))
-                    print(f"interrupted: saved {args.out}/ckpt/last.pt at iteration {step}", flush=True)
-                dist_.close()
-                sys.exit(130)
-            if not is_main or args.bench:
-                continue
-            sample_now = step % args.sample_every == 0 or step == args.iters
-            eval_now = ev is not None and (step % args.eval_every == 0 or step == args.iters)
-            s = ema_sampler() if sample_now or eval_now else None  # one BN recompute per step, shared
-            if sample_now:
-                with torch.no_grad():
-                    save_grid(s.generate(fixed), os.path.join(args.out, "samples", f"{step:06d}.png"))
-            if eval_now:
-                r = ev(lambda n, seed: s.sample(n, seed))
-                log_metrics(args.out, {"iter": step, **r})
-                print(f"it {step} | fid {r['fid']:.2f} kid {r['kid']:.4f} ({r['protocol']})", flush=True)
-                if r["fid"] < best_fid:
-                    best_fid = r["fid"]
-                    save_checkpoint(ckpt_dict(step), os.path.join(args.out, "ckpt", "best.pt"))
-            if step % args.ckpt_every == 0 or step == args.iters:
-                save_checkpoint(ckpt_dict(step), os.path.join(args.out, "ckpt", "last.pt"))
-    finally:
-        stop.restore()
-    dist_.close()
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.utils import UserError, load_checkpoint, pick_device, save_grid, user_errors
+from common.utils import UserError, load_checkpoint, pick_device, save_grid, save_style_mix, user_errors
 
 METRICS = ("fid", "kid", "pr", "mem")
 
@@ -142,19 +142,6 @@ def interp_latents(z0, z1, steps):
     return ((1 - t) * z0[:, None] + t * z1[:, None]).reshape(-1, *z0.shape[1:])
 
 
-def mix_grid(sampler, seed, n_a=6, n_b=4, batch=64):
-    """Top row: sources a (coarse styles); left column: sources b (the rest); cell (r, c) = style_mix(a_c, b_r)."""
-    if not callable(getattr(sampler, "style_mix", None)):
-        raise UserError(f"{type(sampler).__module__}'s Sampler has no style_mix(lat_a, lat_b): --mix is not available")
-    za, zb = sampler.latents(n_a, seed), sampler.latents(n_b, seed + 1)
-    ia, ib = generate(sampler, za, batch), generate(sampler, zb, batch)
-    with torch.no_grad():
-        mixed = sampler.style_mix(za.repeat(n_b, *[1] * (za.dim() - 1)), zb.repeat_interleave(n_a, 0)).float().cpu()
-    rows = [torch.cat([torch.ones_like(ia[:1]), ia])]
-    rows += [torch.cat([ib[r:r + 1], mixed[r * n_a:(r + 1) * n_a]]) for r in range(n_b)]
-    return torch.cat(rows), n_a + 1
-
-
 def mem_grid(ds, real_idx, fake_imgs, nn_idx, nn_dist, res, n_rows=8):
     """Rows: the n_rows fakes closest to the training set, each followed by its nearest training images."""
     rows = np.argsort(nn_dist[:, 0])[:n_rows]
@@ -247,10 +234,8 @@ def main(argv=None):
         zs = interp_latents(z[:args.interp_rows], z[args.interp_rows:], args.interp_steps)
         written.append(os.path.join(out, f"{tag}-interp.png"))
         save_grid(generate(sampler, zs, args.batch), written[-1], nrow=args.interp_steps)
-    if args.mix:
-        imgs, nrow = mix_grid(sampler, args.seed, batch=args.batch)
-        written.append(os.path.join(out, f"{tag}-mix.png"))
-        save_grid(imgs, written[-1], nrow=nrow)
+    if args.mix:  # the same grid as samples/style_mix.png at the end of training
+        written.append(save_style_mix(sampler, os.path.join(out, f"{tag}-mix.png"), args.seed, batch=args.batch))
 
     if metrics:
         from common.data import load_dataset

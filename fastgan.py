@@ -40,6 +40,7 @@ Deviations (from the authors' code unless said)
   stride-2 transposed conv with a 4x4 kernel derived from the 3x3 one (2.25x fewer FLOPs, equal up to float rounding;
   inputs >= 8x8); the G step runs D without D weight gradients (the authors compute and discard them); the
   spectral-norm sigma reuses the power iteration's W v; channels-last with a format-preserving GLU backward; fused Adam.
+  Seconds per iteration (--bench) against the authors' code: README, Results.
 - EMA warm-up: decay min(0.999, (1+t)/(10+t)) at iteration t (TensorFlow's num_updates rule), the authors' 0.999
   from t = 8,990 on; without it short runs sample mostly the random init (0.999^300 = 74 % of it at t = 300).
   --no-ema-warmup restores the authors' schedule.
@@ -57,23 +58,20 @@ Deviations (from the authors' code unless said)
   statistics do not fit the averaged weights; recompute is as good as the authors' per-batch rule and, unlike it,
   gives each latent one image whatever the batch. Resizes to 128 are nearest
   (F.interpolate default), as in the authors' code.
+- Style mixing (paper Fig. 7, Sampler.style_mix): the layout of sample a, the SLE inputs of sample b; the end of a
+  run writes samples/style_mix.png, the grid of eval.py --mix (common.utils.save_style_mix).
 - Under torchrun each process has its own BN statistics (no SyncBN) and its own random quadrant.
 - Images with transparency are composited on white (common.data); the authors' .convert('RGB') drops alpha, which
   turns transparent areas into whatever colour the file stores there (often black).
 Run
   python fastgan.py --data shells --res 1024                       # the paper's 1024 model (GPU)
   python fastgan.py --data digits --res 32 --iters 800 --ngf 16 --ndf 16 --batch 8 --sample-every 100
-      # 2-core CPU: ~2.3-3 it/s (about 5 min); blurry digits from ~500 iterations in runs/.../samples/
+      # a few minutes on a CPU (speed: README); blurry digits from ~500 iterations in runs/.../samples/
   torchrun --nproc_per_node 4 fastgan.py --data pokemon --res 256 --batch 32 --amp
   python fastgan.py --bench 3 --res 256 --batch 8 [--amp]           # seconds/iteration on this device, random data
   python fastgan.py --data AnimalFace-dog --res 256 --no-sle         # Table 2 ablations: "Baseline+decode",
   python fastgan.py --data AnimalFace-dog --res 256 --no-recon       # ... "Baseline+Skip"
-Benchmark (2-core AMD EPYC, 256 px, batch 8, mse; the authors' iteration timed in the same window; the box was shared
-with other jobs, and 2 OpenMP threads stall on a busy box, e.g. one BatchNorm call 0.2 ms -> 45 ms):
-  2 threads, load ~1.5: authors 7.88 s, this script 5.83 s (0.74x), --amp 3.37 s (0.43x)  [before fused Adam, -0.14 s]
-  OMP_NUM_THREADS=1, load ~1.3: authors 14.9 s, fp32 9.86 s (0.66x), --amp 5.74 s (0.39x)
-  2 threads, idle box (2026-11-25, --bench 6/8): fp32 4.73 s (0.58x of the authors' 8.1 s), --amp 3.00 s (0.37x)
-  python eval.py runs/<run>/ckpt/best.pt ...                        # Sampler.style_mix: layout of a, SLE inputs of b
+  python eval.py runs/<run>/ckpt/best.pt --mix                      # Sampler.style_mix: layout of a, SLE inputs of b
   python eval.py runs/<run> --sampler-opt bn=batch                  # BN at sampling: recompute (default), batch, copy
 """
 import argparse
@@ -82,28 +80,32 @@ import math
 import os
 import socket
 import sys
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.data import infinite_batches, load_dataset
 from common.diffaug import check_policy, diff_augment
 from common.ema import ema_update, make_ema
 from common.metrics import training_evaluator
-from common.utils import (BN_MODES, Dist, Progress, SamplerBase, UserError, add_common_args, autocast,
-                          batch_stat_bn, check_bn_mode, check_finite, check_method, load_checkpoint, log_metrics,
-                          per_sample_noise, prepare_run_dir, recompute_bn_stats, resolve_resume, rng_state,
-                          StopOnInterrupt, save_checkpoint, save_grid, seed_everything, restore_rng, user_errors)
+from common.utils import (BN_MODES, Dist, Progress, SamplerBase, SetupInterrupt, StopOnInterrupt, UserError,
+                          add_common_args, autocast, batch_stat_bn, check_bn_mode, check_finite, count_params,
+                          log_metrics, per_sample_noise, prepare_run_dir, read_resume, recompute_bn_stats, resume,
+                          rng_state, save_checkpoint, save_grid, save_style_mix, seed_everything, time_steps,
+                          user_errors)
 
 METHOD = "fastgan"
 RESOLUTIONS = (32, 64, 128, 256, 512, 1024)
+ARCH_FLAGS = ("res", "ngf", "ndf", "nz", "no_sle", "no_recon")  # fix the networks: --resume and eval.py use them
+OLD_ARCH = {"no_sle": False, "no_recon": False}  # checkpoints from before the ablation flags: the full model
+TRAIN_FLAGS = ("batch", "lr", "beta1", "beta2", "policy", "ema", "no_ema_warmup", "hinge", "recon")  # warned on resume
 VGG_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p, res=1024, batch=8, iters=50000, lr=2e-4, sample_every=1000, ckpt_every=1000, log_every=100)
     g = p.add_argument_group("algorithm specific")
     g.add_argument("--ngf", type=int, default=64, help="generator width (authors: 64)")
@@ -132,12 +134,65 @@ def parse_args(argv=None):
                    help="BatchNorm of the EMA generator in sample grids, FID and eval.py: recompute (statistics "
                    "recomputed for the EMA weights on 512 latents; best FID, see the docstring), batch (per sampling "
                    "batch, the authors' rule) or copy (the live G's running statistics)")
-    g.add_argument("--bench", type=int, default=0,
-                   help="benchmark: time N iterations (after one warm-up) on random data at --res/--batch, print s/iteration, exit")
+    g.add_argument("--bench", type=int, default=0, help="time N iterations (train_step + EMA) on a random batch at "
+                   "--res/--batch after one warm-up, print s/iteration (median), exit")
     return p.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------------------------- building blocks
+# ------------------------------------------------------------------ the paper's contribution: SLE [eq. 1], decoders
+class SLE(nn.Module):
+    """Skip-layer excitation [eq. 1]: big * sigmoid(conv1x1(swish(conv4x4(avgpool4(small)))))."""
+
+    def __init__(self, c_small, c_big):
+        super().__init__()
+        self.main = nn.Sequential(nn.AdaptiveAvgPool2d(4), SNConv(c_small, c_big, 4), nn.SiLU(),
+                                  SNConv(c_big, c_big, 1), nn.Sigmoid())
+
+    def forward(self, small, big):
+        return big * self.main(small)
+
+
+class Decoder(nn.Module):
+    """SimpleDecoder: (avgpool 8) -> up blocks in->4b->2b->2b->b (first log2(out/8) of them) -> SN conv3x3 -> tanh.
+    b = ndf/2: the authors hard-code b = 32 (= 64/2, their ndf)."""
+
+    def __init__(self, cin, out_res=128, b=32):
+        super().__init__()
+        chain = [cin, 4 * b, 2 * b, 2 * b, b][: int(math.log2(out_res // 8)) + 1]
+        self.main = nn.Sequential(*[up_block(a, b, False) for a, b in zip(chain, chain[1:])], SNConv(chain[-1], 3, 3, pad=1), nn.Tanh())
+
+    def forward(self, x):
+        return self.main(F.adaptive_avg_pool2d(x, 8) if x.shape[-1] != 8 else x)
+
+
+def crop_part(x, part):
+    """Quadrant `part` (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right) of an NCHW map, as the authors."""
+    h = x.shape[2] // 2
+    return x[:, :, (part // 2) * h:(part // 2 + 1) * h, (part % 2) * h:(part % 2 + 1) * h]
+
+
+# ----------------------------------------------------------------------- losses: reconstruction [eq. 2], hinge [3-4]
+def recon_loss(rec, target, percept=None):
+    """Sum over the batch of a per-image distance to the target resized (nearest, as the authors) to rec's size."""
+    target = F.interpolate(target, size=rec.shape[-1]) if target.shape[-1] != rec.shape[-1] else target
+    rec, target = rec.float(), target.float()
+    if percept is None:
+        return (rec - target).pow(2).mean((1, 2, 3)).sum()
+    return percept(rec, target).sum()
+
+
+def d_hinge(pred, real, plain=False, u=None):
+    """Authors: mean(relu(0.8 + 0.2U - D(real))) / mean(relu(0.8 + 0.2U + D(fake))), U ~ U[0,1) per logit.
+    plain=True: paper eq. 3, margin 1."""
+    margin = 1.0 if plain else 0.8 + 0.2 * (torch.rand_like(pred) if u is None else u)
+    return F.relu(margin - pred).mean() if real else F.relu(margin + pred).mean()
+
+
+def g_loss(pred):
+    return -pred.mean()  # eq. 4
+
+
+# --------------------------------------------------------------------- the backbone: generator [Fig. 3], D [Fig. 4]
 G_MULT = {4: 16, 8: 8, 16: 4, 32: 2, 64: 2, 128: 1, 256: 0.5, 512: 0.25, 1024: 0.125}  # authors' nfc_multi, G
 D_MULT = {4: 16, 8: 16, 16: 8, 32: 4, 64: 2, 128: 1, 256: 0.5, 512: 0.25, 1024: 0.125}  # ... and D (differs at 8-32)
 G_COMP = {8, 32, 128, 512}  # levels built by UpBlockComp (two convs, noise); the others use UpBlock
@@ -151,90 +206,11 @@ def levels(lo, hi):
     return [2 ** i for i in range(int(math.log2(lo)), int(math.log2(hi)) + 1)]
 
 
-def up_kernel(w):
-    """3x3 conv weight [O,I,3,3] -> conv_transpose2d weight [I,O,4,4] (stride 2, padding 1) with
-    conv_transpose2d(x, K) == conv2d(upsample_nearest_x2(x), w, padding=1): per axis the even output row sees
-    x[i-1]*w0 + x[i]*(w1+w2), the odd one x[i]*(w0+w1) + x[i+1]*w2."""
-    m = w.new_tensor([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]])
-    return torch.einsum("ak,oikl,bl->ioab", m, w, m)
-
-
-class SNConv(nn.Module):
-    """Conv with spectral norm, the same arithmetic as torch.nn.utils.spectral_norm (one power iteration per
-    training-mode forward, eps 1e-12; dim 1 for transposed convs) and the authors' init N(0, 0.02), no bias.
-    up=True: nearest x2 upsample followed by this 3x3 conv, computed as one transposed conv (see up_kernel)."""
-
-    def __init__(self, cin, cout, k, stride=1, pad=0, transpose=False, up=False):
-        super().__init__()
-        self.stride, self.pad, self.transpose, self.up = stride, pad, transpose, up
-        shape = (cin, cout, k, k) if transpose else (cout, cin, k, k)
-        self.weight_orig = nn.Parameter(torch.randn(shape) * 0.02)
-        h, w = (cout, cin * k * k)
-        self.register_buffer("weight_u", F.normalize(torch.randn(h), dim=0, eps=1e-12))
-        self.register_buffer("weight_v", F.normalize(torch.randn(w), dim=0, eps=1e-12))
-
-    def sn_weight(self):
-        """weight_orig / sigma in float32 (autocast off)."""
-        w = self.weight_orig.float()
-        mat = (w.transpose(0, 1) if self.transpose else w).reshape(self.weight_u.numel(), -1)
-        with torch.autocast(w.device.type, enabled=False):
-            if self.training:
-                with torch.no_grad():
-                    v = F.normalize(torch.mv(mat.t(), self.weight_u), dim=0, eps=1e-12)
-                    self.weight_v.copy_(v)
-                wv = torch.mv(mat, self.weight_v.clone())  # with grad; sigma = u.(Wv) where u = Wv/|Wv| (torch's formula)
-                with torch.no_grad():
-                    self.weight_u.copy_(F.normalize(wv.detach(), dim=0, eps=1e-12))
-            else:
-                wv = torch.mv(mat, self.weight_v)
-            sigma = torch.dot(self.weight_u.clone(), wv)
-        return w / sigma
-
-    def forward(self, x):
-        w = self.sn_weight()
-        if self.up and x.shape[-1] >= 8:  # measured: the fused form loses on 4x4 inputs (oneDNN), wins from 8x8 up
-            with torch.autocast(x.device.type, enabled=False):
-                k = up_kernel(w)
-            return F.conv_transpose2d(x, k, stride=2, padding=1)
-        if self.up:
-            return F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), w, padding=1)
-        if self.transpose:
-            return F.conv_transpose2d(x, w, stride=self.stride, padding=self.pad)
-        return F.conv2d(x, w, stride=self.stride, padding=self.pad)
-
-
 def bn(c):
     m = nn.BatchNorm2d(c)
     nn.init.normal_(m.weight, 1.0, 0.02)
     nn.init.zeros_(m.bias)
     return m
-
-
-class _GLUFn(torch.autograd.Function):
-    """F.glu over channels, with a backward that keeps the input's memory format (aten's glu_backward returns NCHW
-    for a channels-last input, which sends the next BatchNorm backward down a ~10x slower mixed-format path)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return F.glu(x, 1)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, = ctx.saved_tensors
-        c = g.shape[1]
-        a, s = x[:, :c], torch.sigmoid(x[:, c:])
-        gx = torch.empty_like(x)
-        ga, gb = gx[:, :c], gx[:, c:]
-        torch.mul(g, s, out=ga)  # d/da = sigmoid(b)
-        torch.mul(ga, a, out=gb)  # d/db = a * sigmoid(b) * (1 - sigmoid(b))
-        gb.mul_(s.neg_().add_(1))
-        return gx
-
-
-class GLU(nn.Module):  # first half * sigmoid(second half), over channels
-    def forward(self, x):
-        return _GLUFn.apply(x)
 
 
 class LReLU(nn.Module):
@@ -257,18 +233,6 @@ class NoiseInjection(nn.Module):
         else:
             noise = torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
         return x + self.weight * noise
-
-
-class SLE(nn.Module):
-    """Skip-layer excitation [eq. 1]: big * sigmoid(conv1x1(swish(conv4x4(avgpool4(small)))))."""
-
-    def __init__(self, c_small, c_big):
-        super().__init__()
-        self.main = nn.Sequential(nn.AdaptiveAvgPool2d(4), SNConv(c_small, c_big, 4), nn.SiLU(),
-                                  SNConv(c_big, c_big, 1), nn.Sigmoid())
-
-    def forward(self, small, big):
-        return big * self.main(small)
 
 
 def up_block(cin, cout, comp):
@@ -345,25 +309,6 @@ def down_block(cin, cout):
     return nn.Sequential(SNConv(cin, cout, 4, 2, 1), bn(cout), LReLU())
 
 
-class Decoder(nn.Module):
-    """SimpleDecoder: (avgpool 8) -> up blocks in->4b->2b->2b->b (first log2(out/8) of them) -> SN conv3x3 -> tanh.
-    b = ndf/2: the authors hard-code b = 32 (= 64/2, their ndf)."""
-
-    def __init__(self, cin, out_res=128, b=32):
-        super().__init__()
-        chain = [cin, 4 * b, 2 * b, 2 * b, b][: int(math.log2(out_res // 8)) + 1]
-        self.main = nn.Sequential(*[up_block(a, b, False) for a, b in zip(chain, chain[1:])], SNConv(chain[-1], 3, 3, pad=1), nn.Tanh())
-
-    def forward(self, x):
-        return self.main(F.adaptive_avg_pool2d(x, 8) if x.shape[-1] != 8 else x)
-
-
-def crop_part(x, part):
-    """Quadrant `part` (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right) of an NCHW map, as the authors."""
-    h = x.shape[2] // 2
-    return x[:, :, (part // 2) * h:(part // 2 + 1) * h, (part % 2) * h:(part % 2 + 1) * h]
-
-
 class Discriminator(nn.Module):
     """decoders=False: the --no-recon ablation, no decoders (the rest unchanged); forward() then takes no `part`."""
 
@@ -412,18 +357,87 @@ class Discriminator(nn.Module):
         return logits, [self.decoder_big(x), self.decoder_small(fs), self.decoder_part(crop_part(feats[16], part))]
 
 
-# ------------------------------------------------------------------------------------------------------ losses
-def d_hinge(pred, real, plain=False, u=None):
-    """Authors: mean(relu(0.8 + 0.2U - D(real))) / mean(relu(0.8 + 0.2U + D(fake))), U ~ U[0,1) per logit.
-    plain=True: paper eq. 3, margin 1."""
-    margin = 1.0 if plain else 0.8 + 0.2 * (torch.rand_like(pred) if u is None else u)
-    return F.relu(margin - pred).mean() if real else F.relu(margin + pred).mean()
+# ------------------------------------------------- speed, same function: fused up-conv, spectral norm, GLU backward
+def up_kernel(w):
+    """3x3 conv weight [O,I,3,3] -> conv_transpose2d weight [I,O,4,4] (stride 2, padding 1) with
+    conv_transpose2d(x, K) == conv2d(upsample_nearest_x2(x), w, padding=1): per axis the even output row sees
+    x[i-1]*w0 + x[i]*(w1+w2), the odd one x[i]*(w0+w1) + x[i+1]*w2."""
+    m = w.new_tensor([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]])
+    return torch.einsum("ak,oikl,bl->ioab", m, w, m)
 
 
-def g_loss(pred):
-    return -pred.mean()  # eq. 4
+class SNConv(nn.Module):
+    """Conv with spectral norm, the same arithmetic as torch.nn.utils.spectral_norm (one power iteration per
+    training-mode forward, eps 1e-12; dim 1 for transposed convs) and the authors' init N(0, 0.02), no bias.
+    up=True: nearest x2 upsample followed by this 3x3 conv, computed as one transposed conv (see up_kernel)."""
+
+    def __init__(self, cin, cout, k, stride=1, pad=0, transpose=False, up=False):
+        super().__init__()
+        self.stride, self.pad, self.transpose, self.up = stride, pad, transpose, up
+        shape = (cin, cout, k, k) if transpose else (cout, cin, k, k)
+        self.weight_orig = nn.Parameter(torch.randn(shape) * 0.02)
+        h, w = (cout, cin * k * k)
+        self.register_buffer("weight_u", F.normalize(torch.randn(h), dim=0, eps=1e-12))
+        self.register_buffer("weight_v", F.normalize(torch.randn(w), dim=0, eps=1e-12))
+
+    def sn_weight(self):
+        """weight_orig / sigma in float32 (autocast off)."""
+        w = self.weight_orig.float()
+        mat = (w.transpose(0, 1) if self.transpose else w).reshape(self.weight_u.numel(), -1)
+        with torch.autocast(w.device.type, enabled=False):
+            if self.training:
+                with torch.no_grad():
+                    v = F.normalize(torch.mv(mat.t(), self.weight_u), dim=0, eps=1e-12)
+                    self.weight_v.copy_(v)
+                wv = torch.mv(mat, self.weight_v.clone())  # with grad; sigma = u.(Wv) where u = Wv/|Wv| (torch's formula)
+                with torch.no_grad():
+                    self.weight_u.copy_(F.normalize(wv.detach(), dim=0, eps=1e-12))
+            else:
+                wv = torch.mv(mat, self.weight_v)
+            sigma = torch.dot(self.weight_u.clone(), wv)
+        return w / sigma
+
+    def forward(self, x):
+        w = self.sn_weight()
+        if self.up and x.shape[-1] >= 8:  # measured: the fused form loses on 4x4 inputs (oneDNN), wins from 8x8 up
+            with torch.autocast(x.device.type, enabled=False):
+                k = up_kernel(w)
+            return F.conv_transpose2d(x, k, stride=2, padding=1)
+        if self.up:
+            return F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), w, padding=1)
+        if self.transpose:
+            return F.conv_transpose2d(x, w, stride=self.stride, padding=self.pad)
+        return F.conv2d(x, w, stride=self.stride, padding=self.pad)
 
 
+class _GLUFn(torch.autograd.Function):
+    """F.glu over channels, with a backward that keeps the input's memory format (aten's glu_backward returns NCHW
+    for a channels-last input, which sends the next BatchNorm backward down a ~10x slower mixed-format path)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return F.glu(x, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, = ctx.saved_tensors
+        c = g.shape[1]
+        a, s = x[:, :c], torch.sigmoid(x[:, c:])
+        gx = torch.empty_like(x)
+        ga, gb = gx[:, :c], gx[:, c:]
+        torch.mul(g, s, out=ga)  # d/da = sigmoid(b)
+        torch.mul(ga, a, out=gb)  # d/db = a * sigmoid(b) * (1 - sigmoid(b))
+        gb.mul_(s.neg_().add_(1))
+        return gx
+
+
+class GLU(nn.Module):  # first half * sigmoid(second half), over channels
+    def forward(self, x):
+        return _GLUFn.apply(x)
+
+
+# ---------------------------------------------------------------------- --recon lpips: the authors' reconstruction
 class LPIPSVGG(nn.Module):
     """LPIPS v0.1 'net-lin' on VGG16 (Zhang et al. 2018), as the lpips copy in the authors' repo: inputs in [-1, 1],
     scaling layer, relu1_2/2_2/3_3/4_3/5_3 features, unit-normalised over channels, squared difference, non-negative
@@ -486,15 +500,7 @@ def load_lpips(args):
     return net
 
 
-def recon_loss(rec, target, percept=None):
-    """Sum over the batch of a per-image distance to the target resized (nearest, as the authors) to rec's size."""
-    target = F.interpolate(target, size=rec.shape[-1]) if target.shape[-1] != rec.shape[-1] else target
-    rec, target = rec.float(), target.float()
-    if percept is None:
-        return (rec - target).pow(2).mean((1, 2, 3)).sum()
-    return percept(rec, target).sum()
-
-
+# ---------------------------------------------------------------------------------------------- one iteration
 def train_step(G, D, opt_G, opt_D, real, args, device, percept=None, D_plain=None):
     """One iteration of the authors' train.py: fakes, D step (real with reconstructions, then detached fakes),
     G step on the same augmented fakes. Returns detached loss tensors (no host sync)."""
@@ -537,7 +543,152 @@ def train_step(G, D, opt_G, opt_D, real, args, device, percept=None, D_plain=Non
             "d_real": pred_r.detach().float().mean(), "d_fake": pred_f.detach().float().mean()}
 
 
-# ----------------------------------------------------------------------------------------------- sampling (eval.py)
+def ema_beta(args, it):
+    """EMA decay after iteration it + 1 = t: min(ema, (1+t)/(10+t)) (warm-up), or the authors' constant ema."""
+    t = it + 1
+    return args.ema if args.no_ema_warmup else min(args.ema, (1 + t) / (10 + t))
+
+
+# ------------------------------------------------------------------------------------------------- training run
+# main -> check_args -> bench | run. run() is the same text in fastgan.py, insgen.py, adafm.py and disp.py except
+# the lines marked `# method`: data, networks, resume, DDP, sampler and evaluator, then the loop (batch, train_step,
+# EMA, progress, Ctrl-C, samples, evaluation, checkpoint), then last.pt and the style-mixing grid.
+def check_args(args):
+    """Every flag, before any data is read or network built."""
+    if args.res not in RESOLUTIONS:
+        raise UserError(f"--res {args.res} is not supported: use one of {', '.join(map(str, RESOLUTIONS))}")
+    if min(args.ngf, args.ndf) < 8 or args.ngf % 8 or args.ndf % 8:
+        raise UserError("--ngf and --ndf must be positive multiples of 8 (the narrowest layers are width/8)")
+    check_policy(args.policy, "--policy")
+
+
+def build(args, device):
+    """G, D and their Adams; the last value: whether they run channels-last."""
+    check_args(args)
+    G = Generator(args.res, args.ngf, args.nz, sle=not args.no_sle).to(device)
+    D = Discriminator(args.res, args.ndf, decoders=not args.no_recon).to(device)
+    cl = args.channels_last != "off"
+    if cl:
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), fused=True)
+    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), fused=True)
+    return G, D, opt_G, opt_D, cl
+
+
+def bench(args):
+    """--bench N: seconds per iteration (train_step + EMA) on a random batch at --res/--batch; writes nothing."""
+    device = Dist(args.device).device
+    seed_everything(args.seed)
+    G, D, opt_G, opt_D, cl = build(args, device)
+    G_ema = make_ema(G)
+    percept = load_lpips(args).to(device) if args.recon == "lpips" else None
+    real = torch.rand(args.batch, 3, args.res, args.res, device=device) * 2 - 1
+    real = real.contiguous(memory_format=torch.channels_last) if cl else real
+
+    def step():
+        losses = train_step(G, D, opt_G, opt_D, real, args, device, percept)
+        ema_update(G_ema, G, args.ema)
+        float(losses["loss_d"])
+
+    times = time_steps(step, args.bench, device)
+    t = sorted(times[1:])[len(times[1:]) // 2]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"bench: res {args.res} batch {args.batch} amp {args.amp} channels_last {cl} recon {args.recon} "
+          f"device {device} threads {torch.get_num_threads()} load {load:.2f}: {t:.3f} s/iteration "
+          f"(median of {args.bench}; all {', '.join(f'{x:.2f}' for x in times)})", flush=True)
+    return t
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with user_errors(), SetupInterrupt() as setup:  # an error: one line, exit 2; Ctrl-C before the loop: exit 130
+        check_args(args)
+        if args.bench:
+            return bench(args)
+        run(args, setup)
+
+
+def run(args, setup=None):
+    dist = Dist(args.device)
+    device, batch = dist.device, dist.per_rank_batch(args.batch)
+    ck, path = read_resume(args, METHOD, ARCH_FLAGS, OLD_ARCH)  # readable, same method and networks: checked first
+    seed_everything(args.seed + dist.rank)
+    ds = load_dataset(args.data, args.res, args.data_root, args.crop)
+    out = prepare_run_dir(args, METHOD, dist.is_main)
+    G, D, opt_G, opt_D, cl = build(args, device)  # method
+    G_ema = make_ema(G)
+    percept = load_lpips(args).to(device) if args.recon == "lpips" else None  # method
+    saved = {"G": G, "D": D, "G_ema": G_ema, "opt_G": opt_G, "opt_D": opt_D}  # checkpoint entry -> its object
+    start, best = resume(ck, path, saved, dist, args) if ck else (0, float("inf"))
+    changed = [f"--{k.replace('_', '-')} {ck['args'].get(k)} -> {getattr(args, k)}" for k in TRAIN_FLAGS
+               if ck['args'].get(k) != getattr(args, k)] if ck else []  # method
+    if changed and dist.is_main:  # method
+        print(f"warning: resuming with changed training flags: {'; '.join(changed)}", flush=True)
+    G_run, D_run = dist.wrap(G), dist.wrap(D, find_unused_parameters=True)  # method: D (no quadrant decoder)
+
+    def state(step, **extra):  # the checkpoint: `saved`, the RNGs, the best FID (resume() loads the same entries)
+        return {"method": METHOD, "args": vars(args), "step": step, "rng": rng_state(), "best_fid": best,
+                **{k: v.state_dict() for k, v in saved.items()}, **extra}
+
+    def ema_sampler():  # G_ema as eval.py samples it
+        G_s = copy.deepcopy(G_ema) if args.sample_bn == "recompute" else G_ema  # method: --sample-bn recompute: a copy
+        return Sampler(G_s, args.nz, device, args.sample_bn)  # method
+
+    fixed_z = Sampler(G_ema, args.nz, device).latents(args.n_sample, args.seed + 12345)  # method
+    evaluator = training_evaluator(ds, device, args, dist.is_main)
+    batches = infinite_batches(ds, batch, args.seed, start, flip=not args.no_flip, rank=dist.rank, world=dist.world,
+                               workers=args.workers, device=device)
+    if cl:  # method
+        batches = (x.contiguous(memory_format=torch.channels_last) for x in batches)
+    progress = Progress(args.iters, start, args.log_every, dist.is_main, out)
+    if dist.is_main:
+        print(f"{METHOD}: res {args.res} data {ds.name} ({len(ds)} images) G {count_params(G):,} D {count_params(D):,} "
+              f"params, device {device}, world {dist.world}, out {out}", flush=True)  # method
+    stop = StopOnInterrupt(dist.is_main)  # Ctrl-C: finish the iteration, save last.pt, exit 130
+    if setup:
+        setup.done()
+    step, sampler = start, None
+    try:
+        for it in range(start, args.iters):  # it: the iterations done before this one
+            step, last = it + 1, it + 1 == args.iters
+            real = next(batches)
+            losses = train_step(G_run, D_run, opt_G, opt_D, real, args, device, percept, D)  # method
+            ema_update(G_ema, G, ema_beta(args, it))  # parameters averaged, buffers copied (ema_beta: the decay)
+            if step % args.log_every == 0 or step % args.ckpt_every == 0 or last:
+                check_finite(losses, step, out)
+            progress(step, **losses)
+            if stop.requested:
+                if dist.is_main:
+                    save_checkpoint(state(step), os.path.join(out, "ckpt", "last.pt"))
+                    print(f"interrupted: saved {os.path.join(out, 'ckpt', 'last.pt')} at iteration {step}", flush=True)
+                sys.exit(130)
+            if not dist.is_main:
+                continue
+            sample_now = step % args.sample_every == 0 or last
+            eval_now = evaluator is not None and (step % args.eval_every == 0 or last)
+            sampler = ema_sampler() if sample_now or eval_now else sampler
+            if sample_now:
+                save_grid(sampler.generate(fixed_z), os.path.join(out, "samples", f"{step:06d}.png"))
+            if eval_now:
+                m = evaluator(sampler.sample)
+                log_metrics(out, {"iter": step, **m})
+                print(f"eval it {step}: fid {m['fid']:.2f} kid {m['kid']:.4f} ({m['protocol']})", flush=True)
+                if m["fid"] < best:
+                    best = m["fid"]
+                    save_checkpoint(state(step, metrics=m), os.path.join(out, "ckpt", "best.pt"))
+            if step % args.ckpt_every == 0 and not last:
+                save_checkpoint(state(step), os.path.join(out, "ckpt", "last.pt"))
+        if dist.is_main:  # the end: last.pt (with --iters 0: the initial networks) and the style-mixing grid
+            save_checkpoint(state(step), os.path.join(out, "ckpt", "last.pt"))
+            if not args.no_sle:  # method: --no-sle has no SLE inputs to mix
+                save_style_mix(sampler or ema_sampler(), os.path.join(out, "samples", "style_mix.png"), args.seed)
+            print(f"done: {out} (samples/, ckpt/last.pt)", flush=True)
+    finally:
+        stop.restore()
+        dist.close()
+
+
+# -------------------------------------------------------------------------------------- sampling (eval.py contract)
 BN_SEED, BN_N, BN_CHUNK = 2_147_483_647, 512, 64  # bn=recompute: latent seed (far from eval.py's), count, chunk
 
 
@@ -584,12 +735,8 @@ class Sampler(SamplerBase):
 
 
 def arch_args(a):
-    """The flags that define the networks; checkpoints from before the ablation flags are the full model."""
-    return {**{k: a[k] for k in ("res", "ngf", "ndf", "nz")},
-            **{k: bool(a.get(k, False)) for k in ("no_sle", "no_recon")}}
-
-
-TRAIN_FLAGS = ("batch", "lr", "beta1", "beta2", "policy", "ema", "no_ema_warmup", "hinge", "recon")  # warned on resume
+    """The flags that define the networks, from a checkpoint's args (older checkpoints: the full model)."""
+    return {k: a.get(k, OLD_ARCH.get(k)) for k in ARCH_FLAGS}
 
 
 def load_for_sampling(ckpt, device, bn=None):
@@ -600,153 +747,6 @@ def load_for_sampling(ckpt, device, bn=None):
     G = Generator(a["res"], a["ngf"], a["nz"], sle=not a["no_sle"]).to(device)
     G.load_state_dict(ckpt["G_ema"])
     return Sampler(G, a["nz"], device, bn)
-
-
-# --------------------------------------------------------------------------------------------------- training
-def build(args, device):
-    if args.res not in RESOLUTIONS:
-        raise UserError(f"--res {args.res} is not supported: use one of {', '.join(map(str, RESOLUTIONS))}")
-    if min(args.ngf, args.ndf) < 8 or args.ngf % 8 or args.ndf % 8:
-        raise UserError("--ngf and --ndf must be positive multiples of 8 (the narrowest layers are width/8)")
-    G = Generator(args.res, args.ngf, args.nz, sle=not args.no_sle).to(device)
-    D = Discriminator(args.res, args.ndf, decoders=not args.no_recon).to(device)
-    cl = args.channels_last != "off"
-    if cl:
-        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), fused=True)
-    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), fused=True)
-    return G, D, opt_G, opt_D, cl
-
-
-def bench(args):
-    device = Dist(args.device).device
-    seed_everything(args.seed)
-    G, D, opt_G, opt_D, cl = build(args, device)
-    percept = load_lpips(args).to(device) if args.recon == "lpips" else None
-    real = torch.rand(args.batch, 3, args.res, args.res, device=device) * 2 - 1
-    if cl:
-        real = real.contiguous(memory_format=torch.channels_last)
-    G_ema, times = make_ema(G), []
-    for i in range(args.bench + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        losses = train_step(G, D, opt_G, opt_D, real, args, device, percept)
-        ema_update(G_ema, G, args.ema, copy_buffers=True)
-        float(losses["loss_d"])
-        times.append(time.perf_counter() - t0)
-    t = sorted(times[1:])[len(times[1:]) // 2]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"bench: res {args.res} batch {args.batch} amp {args.amp} channels_last {cl} recon {args.recon} "
-          f"device {device} threads {torch.get_num_threads()} load {load:.2f}: {t:.3f} s/iteration "
-          f"(median of {args.bench}; all {', '.join(f'{x:.2f}' for x in times)})", flush=True)
-    return t
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    with user_errors():
-        if args.bench:
-            return bench(args)
-        if args.res not in RESOLUTIONS:
-            raise UserError(f"--res {args.res} is not supported: use one of {', '.join(map(str, RESOLUTIONS))}")
-        check_policy(args.policy, "--policy")
-        run(args)
-
-
-def run(args):
-    from common.data import infinite_batches, load_dataset
-    dist = Dist(args.device)
-    device, batch = dist.device, dist.per_rank_batch(args.batch)
-    seed_everything(args.seed + dist.rank)
-    ds = load_dataset(args.data, args.res, args.data_root, args.crop)
-    out = prepare_run_dir(args, METHOD, dist.is_main)
-    G, D, opt_G, opt_D, cl = build(args, device)
-    G_ema = make_ema(G)
-    percept = load_lpips(args).to(device) if args.recon == "lpips" else None
-    start, best = 0, float("inf")
-    path = resolve_resume(args)
-    if path:
-        ck = load_checkpoint(path, map_location=device)
-        check_method(ck, METHOD, path)
-        if arch_args(ck["args"]) != arch_args(vars(args)):
-            raise UserError(f"checkpoint {path} has architecture {arch_args(ck['args'])}, these flags give "
-                            f"{arch_args(vars(args))}: pass the same --res/--ngf/--ndf/--nz/--no-sle/--no-recon")
-        for m, k in ((G, "G"), (D, "D"), (G_ema, "G_ema"), (opt_G, "opt_G"), (opt_D, "opt_D")):
-            m.load_state_dict(ck[k])
-        start, best = ck["step"], ck.get("best_fid", best)
-        restore_rng(ck["rng"], dist.rank, args.seed, start)
-        changed = [f"--{k.replace('_', '-')} {ck['args'].get(k)} -> {v}" for k, v in vars(args).items()
-                   if k in TRAIN_FLAGS and ck["args"].get(k) != v]
-        if changed and dist.is_main:
-            print(f"warning: resuming with changed training flags: {'; '.join(changed)}", flush=True)
-        if dist.is_main:
-            print(f"resumed from {path} at iteration {start}", flush=True)
-    G_run, D_run = G, D
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ids = [device.index] if device.type == "cuda" else None
-        G_run, D_run = DDP(G, device_ids=ids), DDP(D, device_ids=ids, find_unused_parameters=True)
-    def ema_sampler():  # G_ema as eval.py samples it (--sample-bn); recompute works on a copy: G_ema keeps G's stats
-        return Sampler(copy.deepcopy(G_ema) if args.sample_bn == "recompute" else G_ema, args.nz, device, args.sample_bn)
-
-    fixed_z = Sampler(G_ema, args.nz, device).latents(args.n_sample, args.seed + 12345)
-    evaluator = training_evaluator(ds, device, args, dist.is_main)
-    if dist.is_main:
-        print(f"fastgan: res {args.res} data {ds.name} ({len(ds)} images) G {sum(p.numel() for p in G.parameters()):,} "
-              f"D {sum(p.numel() for p in D.parameters()):,} params, device {device}, world {dist.world}, out {out}", flush=True)
-    batches = infinite_batches(ds, batch, args.seed, start, flip=not args.no_flip, rank=dist.rank, world=dist.world,
-                               workers=args.workers, device=device)
-    progress = Progress(args.iters, start, args.log_every, dist.is_main, out)
-
-    def checkpoint(step, name="last.pt", **extra):
-        save_checkpoint({"method": METHOD, "args": vars(args), "step": step, "G": G.state_dict(), "D": D.state_dict(),
-                         "G_ema": G_ema.state_dict(), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
-                         "rng": rng_state(), "best_fid": best, **extra}, os.path.join(out, "ckpt", name))
-
-    it = start
-    stop = StopOnInterrupt(dist.is_main)  # Ctrl-C: finish the iteration, save last.pt, exit 130
-    try:
-        for it in range(start + 1, args.iters + 1):
-            real = next(batches)
-            if cl:
-                real = real.contiguous(memory_format=torch.channels_last)
-            losses = train_step(G_run, D_run, opt_G, opt_D, real, args, device, percept, D)
-            beta = args.ema if args.no_ema_warmup else min(args.ema, (1 + it) / (10 + it))
-            ema_update(G_ema, G, beta, copy_buffers=True)  # params averaged; BN stats and SN u, v from live G
-            last = it == args.iters
-            if it % args.log_every == 0 or last or it % args.ckpt_every == 0:
-                check_finite(losses, it, out)
-            progress(it, **losses)
-            if stop.requested:
-                if dist.is_main:
-                    checkpoint(it)
-                    print(f"interrupted: saved {os.path.join(out, 'ckpt', 'last.pt')} at iteration {it}", flush=True)
-                sys.exit(130)
-            if not dist.is_main:
-                continue
-            sample_now = it % args.sample_every == 0 or last
-            eval_now = evaluator is not None and (it % args.eval_every == 0 or last)
-            sampler = ema_sampler() if sample_now or eval_now else None
-            if sample_now:
-                save_grid(sampler.generate(fixed_z), os.path.join(out, "samples", f"{it:06d}.png"))
-            if eval_now:
-                m = evaluator(lambda n, seed: sampler.sample(n, seed))
-                log_metrics(out, {"iter": it, **m})
-                print(f"eval it {it}: fid {m['fid']:.2f} kid {m['kid']:.4f} ({m['protocol']})", flush=True)
-                if m["fid"] < best:
-                    best = m["fid"]
-                    checkpoint(it, "best.pt", metrics=m)
-            if it % args.ckpt_every == 0 or last:
-                checkpoint(it)
-        if dist.is_main and args.iters > start and not args.no_sle:  # --no-sle: nothing to mix
-            z = fixed_z[:8]  # `sampler`: the last iteration's (built there for its grid)
-            a, b = z.repeat_interleave(len(z), 0), z.repeat(len(z), 1)
-            mix = torch.cat([sampler.style_mix(a[i:i + 8], b[i:i + 8]) for i in range(0, len(a), 8)])
-            save_grid(mix, os.path.join(out, "samples", "style_mix.png"), nrow=len(z))  # row i: layout of z_i, col j: style of z_j
-    finally:
-        stop.restore()
-        dist.close()
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ Deviations / choices (vs. the paper and the authors' code):
   the InfoNCE logits stay fp32.
 - Sampling: metrics (training --eval-every, eval.py) use random per-pixel noise like NVIDIA's metric code, seeded by
   the latents so samples are reproducible; training grids use the constant noise maps (--sampler-opt noise=const).
+  Style mixing (Sampler.style_mix): the coarse styles (4x4, 8x8) of sample a, the rest of b; the end of a run writes
+  samples/style_mix.png, the grid of eval.py --mix (common.utils.save_style_mix).
 - Everything else (fused modconv, TF32 flags, custom CUDA kernels) is replaced by the mathematically equal
   plain-PyTorch path; conv2d_gradfix is not needed because PyTorch differentiates conv twice natively.
 
@@ -56,18 +58,15 @@ Plain ADA: python insgen.py --data pokemon --res 256 --cfg auto --no-insgen
 Multi-GPU: torchrun --nproc_per_node 8 insgen.py --data DIR --res 256 --cfg paper256
 Samples:   python eval.py ... (Sampler: truncation --psi, style_mix); --mix-grid also writes style-mixing grids.
 CPU toy:   python insgen.py --data digits --res 16 --cfg auto --cbase 512 --cmax 64 --batch 16 --iters 150
-Benchmark: python insgen.py --bench 16 --res 256 --cfg auto  (s/iter and s/kimg with and without InsGen, no files;
-           16 iterations = one full lazy-regularization cycle). Measured on the idle 2-core AMD EPYC dev CPU:
-           `--bench 16 --res 32 --cfg auto --batch 16 --cbase 2048 --cmax 128` -> InsGen 80.9 s/kimg, plain ADA
-           30.9 s/kimg (+162%: 3 extra D fwd+bwd, 3 D' fwd, 1 G fwd and 6 augmentations per iteration).
+Benchmark: python insgen.py --bench 16 --res 256 --cfg auto  (s/iter and s/kimg with and without InsGen on random
+           images, no files; 16 iterations = one full lazy-regularization cycle; measured: README. InsGen adds 3 D
+           fwd+bwd, 3 D' fwd, 1 G fwd and 6 augmentations per iteration)
 """
 import argparse
 import copy
 import math
 import os
 import sys
-import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -78,10 +77,13 @@ import torch.nn.functional as F
 from common.data import infinite_batches, load_dataset
 from common.ema import ema_update, make_ema, stylegan_ema_beta
 from common.metrics import training_evaluator
-from common.utils import (Dist, Progress, SamplerBase, UserError, add_common_args, autocast, check_finite,
-                          check_method, load_checkpoint, log_metrics, prepare_run_dir, resolve_resume, rng_state,
-                          StopOnInterrupt, save_checkpoint, save_grid, seed_everything, restore_rng, user_errors)
+from common.utils import (Dist, Progress, SamplerBase, SetupInterrupt, StopOnInterrupt, UserError, add_common_args,
+                          autocast, check_finite, check_method, count_params, log_metrics, prepare_run_dir,
+                          read_resume, resume, rng_state, save_checkpoint, save_grid, save_style_mix, seed_everything,
+                          time_steps, user_errors)
 
+METHOD = "insgen"
+ARCH_FLAGS = ("res", "cbase", "cmax", "map")  # fix the networks (after the --cfg table): --resume checks them
 Z_DIM = W_DIM = 512
 SQRT2 = math.sqrt(2.0)
 G_REG_EVERY, D_REG_EVERY, ADA_EVERY = 4, 16, 4
@@ -90,8 +92,12 @@ TAU, MOMENTUM, PERTURB_STD, LAMBDA_REAL, LAMBDA_FAKE, LAMBDA_G = 0.2, 0.999, 0.1
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="InsGen (StyleGAN2-ADA + instance discrimination), one file.")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p, res=256, batch=None, iters=None, lr=None)  # lr None: 0.0025 (0.002 for auto at >= 1024 px)
+    p.set_defaults(no_flip=True)  # stylegan2-ada / insgen train.py: --mirror defaults to off
+    for a in p._actions:
+        if a.option_strings == ["--no-flip"]:
+            a.help = "no horizontal flips of real images (the default here; --mirror turns them on)"
     g = p.add_argument_group("algorithm specific")
     g.add_argument("--cfg", choices=["paper256", "auto"], default="paper256",
                    help="stylegan2-ada config: paper256 (batch 64, gamma 1, ema 20, 8 map layers) or auto (1-GPU heuristics)")
@@ -113,12 +119,8 @@ def parse_args(argv=None):
                         "--mirror; the paper's experiments use it)")
     g.add_argument("--no-insgen", action="store_true", help="plain StyleGAN2-ADA (no instance discrimination)")
     g.add_argument("--mix-grid", action="store_true", help="also write samples/mix_<step>.png style-mixing grids")
-    g.add_argument("--bench", type=int, default=0,
-                   help="benchmark: time N iterations (use a multiple of 16) with and without InsGen, print s/kimg, exit")
-    p.set_defaults(no_flip=True)  # stylegan2-ada / insgen train.py: --mirror defaults to off
-    for a in p._actions:
-        if a.option_strings == ["--no-flip"]:
-            a.help = "no horizontal flips of real images (the default here; --mirror turns them on)"
+    g.add_argument("--bench", type=int, default=0, help="time N iterations (train_step + EMA; a multiple of 16) on a "
+                   "random batch at --res/--batch after one warm-up, with and without InsGen, print s/kimg, exit")
     return p.parse_args(argv)
 
 
@@ -152,9 +154,82 @@ def resolve_cfg(args, world=1):
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Low-level ops: FIR resampling (upfirdn2d reference path), bias+activation, modulated conv, grid_sample w/ 2nd order
-# ----------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------- the paper's contribution: instance heads, MoCo queues, InfoNCE [Sec. 3]
+class Head(nn.Module):
+    """phi: Linear(C, 512) -> ReLU -> Linear(512, 128) -> L2 normalize (plain nn.Linear init)."""
+
+    def __init__(self, cin, hidden=512, dim=128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(cin, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+    def forward(self, feat):  # fp32 even under --amp: features, heads and InfoNCE logits (tau 0.2 amplifies bf16)
+        with torch.autocast(feat.device.type, enabled=False):
+            return F.normalize(self.net(f32(feat)), dim=1)
+
+
+class Queue(nn.Module):
+    """MoCo FIFO of K keys, stored as columns of a [dim, K] buffer (randn, column-normalized at init)."""
+
+    def __init__(self, dim, K):
+        super().__init__()
+        self.register_buffer("keys", F.normalize(torch.randn(dim, K), dim=0))
+        self.register_buffer("ptr", torch.zeros([], dtype=torch.long))
+
+    @torch.no_grad()
+    def push(self, k, world=1):
+        if world > 1:  # every rank enqueues the keys of all ranks, in rank order
+            parts = [torch.empty_like(k) for _ in range(world)]
+            dist.all_gather(parts, k.contiguous())
+            k = torch.cat(parts)
+        K = self.keys.shape[1]
+        k = k[-K:].to(self.keys.dtype)
+        idx = (self.ptr + torch.arange(k.shape[0], device=k.device)) % K  # wraps around the end
+        self.keys[:, idx] = k.t()
+        self.ptr.copy_((self.ptr + k.shape[0]) % K)
+
+
+def infonce(q, k, queue, tau=TAU):
+    """Eq. 4: -log exp(q.k+/tau) / (exp(q.k+/tau) + sum_i exp(q.k_i/tau)); label 0 = the positive."""
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, queue = q.float(), k.float(), queue.float()
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue], 1) / tau
+        return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+class InsGenModule(nn.Module):
+    """The real and fake instance heads phi_r, phi_f, their momentum copies and the two MoCo queues."""
+
+    def __init__(self, feat_dim, K):
+        super().__init__()
+        self.real, self.fake = Head(feat_dim), Head(feat_dim)
+        self.real_m, self.fake_m = copy.deepcopy(self.real), copy.deepcopy(self.fake)
+        for p in list(self.real_m.parameters()) + list(self.fake_m.parameters()):
+            p.requires_grad_(False)
+        self.real_q, self.fake_q = Queue(128, K), Queue(128, K)
+
+    def trainable(self):
+        return list(self.real.parameters()) + list(self.fake.parameters())
+
+    @torch.no_grad()
+    def momentum_update(self, *heads, m=MOMENTUM):
+        """phi_m <- m phi_m + (1 - m) phi for the named heads ('real', 'fake'; none named: both). contrast() calls it
+        right before each key computation, as the authors' CLHead.forward does: the real momentum head once per
+        iteration, the fake one twice (G phase and D phase)."""
+        for h in heads or ("real", "fake"):
+            ema_update(getattr(self, h + "_m"), getattr(self, h), m)
+
+    def contrast(self, kind, feat, key_img, D_m, aug):
+        """InfoNCE (eq. 4) of the query phi(feat) (`kind` 'real' or 'fake': phi_r or phi_f; feat = D's features of the
+        query view, with gradient) against the positive key phi_m(D'(aug(key_img))) and the kind's queue of negatives;
+        the momentum head is updated right before its key. Returns (loss, key)."""
+        q = getattr(self, kind)(feat)
+        with torch.no_grad():
+            self.momentum_update(kind)
+            k = getattr(self, kind + "_m")(D_m(aug(key_img), feat_only=True))
+        return infonce(q, k, getattr(self, kind + "_q").keys.clone()), k
+
+
+# ---------------------------------- the backbone, StyleGAN2-ADA (stylegan2-ada-pytorch): low-level ops (upfirdn2d ref.)
 def setup_filter(taps):
     """Normalized FIR filter: 2-D outer product for short filters ([1,3,3,1] -> 4x4), 1-D separable for >= 8 taps."""
     f = np.asarray(taps, dtype=np.float64)
@@ -293,9 +368,7 @@ def grid_sample(x, grid):
     return _GridSample.apply(x, grid)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Networks (stylegan2-ada-pytorch training/networks.py)
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------- StyleGAN2 networks (training/networks.py)
 class FC(nn.Module):
     """Equalized-lr fully connected layer: weight N(0,1)/lr_mul, runtime gain lr_mul/sqrt(fan_in), bias gain lr_mul."""
 
@@ -485,9 +558,7 @@ class Discriminator(nn.Module):
         return f32(self.out(self.fc(x.flatten(1))).squeeze(1)), feat
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# ADA: 'bgc' augmentation pipeline (stylegan2-ada-pytorch training/augment.py) and the adaptive heuristic
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------- ADA: the 'bgc' pipeline (training/augment.py) and the adaptive heuristic
 SYM6 = [0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633, 0.4910559419267466,
         0.787641141030194, 0.3379294217276218, -0.07263752278646252, -0.021060292512300564, 0.04472490177066578,
         0.0017677118642428036, -0.007800708325034148]
@@ -634,115 +705,14 @@ class ADA:
             adjust = np.sign(self.rt - self.target) * batch * ADA_EVERY / (self.kimg * 1000)
             self.pipe.p = max(self.pipe.p + float(adjust), 0.0)
 
+    def state_dict(self):  # the checkpoint's 'ada' entry
+        return {"p": self.pipe.p, "acc": self.acc.cpu(), "rt": self.rt}
 
-# ----------------------------------------------------------------------------------------------------------------
-# InsGen: heads, MoCo queues, InfoNCE
-# ----------------------------------------------------------------------------------------------------------------
-class Head(nn.Module):
-    """phi: Linear(C, 512) -> ReLU -> Linear(512, 128) -> L2 normalize (plain nn.Linear init)."""
-
-    def __init__(self, cin, hidden=512, dim=128):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(cin, hidden), nn.ReLU(), nn.Linear(hidden, dim))
-
-    def forward(self, feat):  # fp32 even under --amp: features, heads and InfoNCE logits (tau 0.2 amplifies bf16)
-        with torch.autocast(feat.device.type, enabled=False):
-            return F.normalize(self.net(f32(feat)), dim=1)
+    def load_state_dict(self, st):
+        self.pipe.p, self.rt, self.acc = float(st["p"]), float(st["rt"]), st["acc"].clone()
 
 
-class Queue(nn.Module):
-    """MoCo FIFO of K keys, stored as columns of a [dim, K] buffer (randn, column-normalized at init)."""
-
-    def __init__(self, dim, K):
-        super().__init__()
-        self.register_buffer("keys", F.normalize(torch.randn(dim, K), dim=0))
-        self.register_buffer("ptr", torch.zeros([], dtype=torch.long))
-
-    @torch.no_grad()
-    def push(self, k, world=1):
-        if world > 1:  # every rank enqueues the keys of all ranks, in rank order
-            parts = [torch.empty_like(k) for _ in range(world)]
-            dist.all_gather(parts, k.contiguous())
-            k = torch.cat(parts)
-        K = self.keys.shape[1]
-        k = k[-K:].to(self.keys.dtype)
-        idx = (self.ptr + torch.arange(k.shape[0], device=k.device)) % K  # wraps around the end
-        self.keys[:, idx] = k.t()
-        self.ptr.copy_((self.ptr + k.shape[0]) % K)
-
-
-def infonce(q, k, queue, tau=TAU):
-    """Eq. 4: -log exp(q.k+/tau) / (exp(q.k+/tau) + sum_i exp(q.k_i/tau)); label 0 = the positive."""
-    with torch.autocast(q.device.type, enabled=False):
-        q, k, queue = q.float(), k.float(), queue.float()
-        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue], 1) / tau
-        return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
-
-
-class InsGenModule(nn.Module):
-    def __init__(self, feat_dim, K):
-        super().__init__()
-        self.real, self.fake = Head(feat_dim), Head(feat_dim)
-        self.real_m, self.fake_m = copy.deepcopy(self.real), copy.deepcopy(self.fake)
-        for p in list(self.real_m.parameters()) + list(self.fake_m.parameters()):
-            p.requires_grad_(False)
-        self.real_q, self.fake_q = Queue(128, K), Queue(128, K)
-
-    def trainable(self):
-        return list(self.real.parameters()) + list(self.fake.parameters())
-
-    @torch.no_grad()
-    def momentum_update(self, *heads, m=MOMENTUM):
-        """phi_m <- m phi_m + (1 - m) phi for the named heads ('real', 'fake'; none named: both). train_step calls it
-        right before each key computation, as the authors' CLHead.forward does: the real momentum head once per
-        iteration, the fake one twice (G phase and D phase)."""
-        for h in heads or ("real", "fake"):
-            ema_update(getattr(self, h + "_m"), getattr(self, h), m)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training pieces
-# ----------------------------------------------------------------------------------------------------------------
-def lazy_adam(params, lr, every):
-    """Lazy regularization (StyleGAN2 App. B): lr * k/(k+1), betas ** (k/(k+1))."""
-    r = every / (every + 1)
-    return torch.optim.Adam(params, lr=lr * r, betas=(0.0 ** r, 0.99 ** r), eps=1e-8)
-
-
-def build(args, device, n_data, world=1):
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
-    m = SimpleNamespace()
-    m.G = Generator(args.res, args.cbase, args.cmax, args.map).to(device)
-    m.D = Discriminator(args.res, args.cbase, args.cmax, args.mbstd).to(device)
-    m.G_ema = make_ema(m.G)
-    m.opt_G = lazy_adam(m.G.parameters(), args.lr, G_REG_EVERY)
-    m.opt_D = lazy_adam(m.D.parameters(), args.lr, D_REG_EVERY)
-    m.aug = AugmentPipe().to(device) if args.aug == "ada" else None
-    m.ada = ADA(m.aug, args.target, args.ada_kimg, args.ada_linear) if m.aug is not None else None
-    m.pl_mean = torch.zeros([], device=device)
-    m.ins = None
-    if not args.no_insgen:
-        K = args.queue if args.queue is not None else default_queue(n_data, not args.no_flip)
-        m.ins = InsGenModule(m.D.feat_dim, K).to(device)
-        m.ins.requires_grad_(False)  # heads train only in the D main phase
-        m.D_ema = make_ema(m.D)
-        # the authors' training_loop: the real head's Adam takes D's settings (lazy ratio 16/17), the fake head's G's
-        # (ratio 4/5, although it steps in the D phase with no regularization phase of its own)
-        m.opt_Hr = lazy_adam(m.ins.real.parameters(), args.lr, D_REG_EVERY)
-        m.opt_Hf = lazy_adam(m.ins.fake.parameters(), args.lr, G_REG_EVERY)
-    m.G.requires_grad_(False)
-    m.D.requires_grad_(False)
-    if world > 1:
-        for t in module_tensors(m):
-            dist.broadcast(t, 0)
-    return m
-
-
-def module_tensors(m):
-    mods = [m.G, m.D, m.G_ema] + ([m.ins, m.D_ema] if m.ins is not None else [])
-    return [t for mod in mods for t in list(mod.parameters()) + list(mod.buffers())]
-
-
+# ------------------------------------------------------------------------------------------------- one iteration
 def run_G(G, z):
     """G(z) with style mixing (p 0.9): from a random layer `cutoff` on, use the w of a second latent. Every call
     draws its own mixing and moves w_avg with the w of z (not of the mixing latent), as the reference's run_G."""
@@ -768,54 +738,53 @@ def step_opt(opt, params, world):
     opt.step()
 
 
-def train_step(m, args, real, step, world=1):
-    """One iteration: Gmain, [Gpl], Dmain, [Dr1] phases (each its own backward + step), EMAs, ADA. Returns losses."""
-    G, D, ins, amp, dev = m.G, m.D, m.ins, args.amp, real.device
-    aug = m.aug if m.aug is not None else (lambda x: x)
+def train_step(G, D, opt_G, opt_D, real, args, it, pl_mean, ada=None, ins=None, D_ema=None, opt_Hr=None, opt_Hf=None,
+               world=1):
+    """Iteration `it` (0-based; it fixes the lazy-regularization and ADA phases): Gmain, [Gpl], Dmain, [Dr1] (each its
+    own backward + step), then D' (0.999) and ADA. ins, D_ema (D'), opt_Hr, opt_Hf: InsGen (None: plain StyleGAN2-ADA);
+    ada: None for --aug noaug; pl_mean: the path-length running mean (updated in place). Returns detached losses."""
+    amp, dev = args.amp, real.device
+    aug = ada.pipe if ada is not None else (lambda x: x)
     B = real.shape[0]
     z_main, z_pl, z_d, _ = torch.randn(4 * B, Z_DIM, device=dev).split(B)
     L = {}
 
     # Gmain: non-saturating loss softplus(-D(aug(G(z)))) + lambda_G * C_G^f (Eq. 2, 8-9, 11).
     G.requires_grad_(True)
-    m.opt_G.zero_grad(set_to_none=True)
+    opt_G.zero_grad(set_to_none=True)
     with autocast(real.device, amp):
         img, _ = run_G(G, z_main)
         logits, _ = D(aug(img))
         loss = F.softplus(-logits).mean()
         L["loss_G"] = loss.detach()
-        if ins is not None:  # query with gradient into G (head and D frozen), key from D' on another view of G(z)
-            q = ins.fake(D(aug(img), feat_only=True))
-            with torch.no_grad():
-                ins.momentum_update("fake")  # 1st of the fake momentum head's two updates this iteration
-                k = ins.fake_m(m.D_ema(aug(img.detach()), feat_only=True))
-            cl_g = infonce(q, k, ins.fake_q.keys.clone())
+        if ins is not None:  # eq. 9, C_G^f: gradient into G through the query (head, D frozen); key: D'(another view)
+            cl_g, _ = ins.contrast("fake", D(aug(img), feat_only=True), img.detach(), D_ema, aug)
             L["cl_G"] = cl_g.detach()
             loss = loss + LAMBDA_G * cl_g
     loss.backward()
-    step_opt(m.opt_G, G.parameters(), world)
+    step_opt(opt_G, G.parameters(), world)
 
     # Gpl: path-length regularization every 4 steps, on half the batch (StyleGAN2 Eq. 4), loss x interval.
-    if step % G_REG_EVERY == 0:
-        m.opt_G.zero_grad(set_to_none=True)
+    if it % G_REG_EVERY == 0:
+        opt_G.zero_grad(set_to_none=True)
         img, ws = run_G(G, z_pl[:max(B // PL_SHRINK, 1)])
         noise = torch.randn_like(img) / math.sqrt(img.shape[2] * img.shape[3])
         grad, = torch.autograd.grad((img * noise).sum(), ws, create_graph=True)
         lengths = grad.square().sum(2).mean(1).sqrt()
-        pl_mean = m.pl_mean.lerp(lengths.mean(), PL_DECAY)
-        m.pl_mean.copy_(pl_mean.detach())
-        pen = (lengths - pl_mean).square() * PL_WEIGHT
+        pl_ema = pl_mean.lerp(lengths.mean(), PL_DECAY)
+        pl_mean.copy_(pl_ema.detach())
+        pen = (lengths - pl_ema).square() * PL_WEIGHT
         (img[:, 0, 0, 0] * 0 + pen).mean().mul(G_REG_EVERY).backward()
-        step_opt(m.opt_G, G.parameters(), world)
+        step_opt(opt_G, G.parameters(), world)
         L["pl"] = pen.mean().detach()
     G.requires_grad_(False)
 
     # Dmain: softplus(D(aug(G(z)))) + softplus(-D(aug(x))) + C_D^r + C_D^f (Eq. 1, 5-7, 10).
     D.requires_grad_(True)
-    m.opt_D.zero_grad(set_to_none=True)
+    opt_D.zero_grad(set_to_none=True)
     if ins is not None:
-        m.opt_Hr.zero_grad(set_to_none=True)
-        m.opt_Hf.zero_grad(set_to_none=True)
+        opt_Hr.zero_grad(set_to_none=True)
+        opt_Hf.zero_grad(set_to_none=True)
         for p in ins.trainable():
             p.requires_grad_(True)
     with autocast(real.device, amp):
@@ -823,66 +792,275 @@ def train_step(m, args, real, step, world=1):
             img, _ = run_G(G, z_d)
         logits_f, _ = D(aug(img))
         logits_r, _ = D(aug(real))
-        if m.ada is not None:
-            m.ada.accumulate(logits_r)
+        if ada is not None:
+            ada.accumulate(logits_r)
         loss = F.softplus(logits_f).mean() + F.softplus(-logits_r).mean()
         L["loss_D"] = loss.detach()
-        if ins is not None:
-            q_r = ins.real(D(aug(real), feat_only=True))
-            f_q = D(aug(img), feat_only=True)
-            q_f = ins.fake(f_q)
-            with torch.no_grad():
-                ins.momentum_update("real")
-                k_r = ins.real_m(m.D_ema(aug(real), feat_only=True))
-                # perturbed positive: a G pass of its own (fresh style-mixing draw, w_avg updated), as the authors'
+        if ins is not None:  # queries: D's features of a new view of x and of G(z), with gradient into D and heads
+            f_r, f_f = D(aug(real), feat_only=True), D(aug(img), feat_only=True)
+            cl_r, k_r = ins.contrast("real", f_r, real, D_ema, aug)  # eq. 5, C_D^r: the key is another view of x
+            with torch.no_grad():  # eq. 6: the perturbed positive, a G pass of its own (own mixing draw, moves w_avg)
                 img_pos, _ = run_G(G, z_d + PERTURB_STD * torch.randn_like(z_d))
-                ins.momentum_update("fake")  # 2nd update this iteration; the same momentum head makes the enqueued keys
-                k_f = ins.fake_m(m.D_ema(aug(img_pos), feat_only=True))
-                enq_f = ins.fake_m(f_q.detach())
-            cl_r = infonce(q_r, k_r, ins.real_q.keys.clone())
-            cl_f = infonce(q_f, k_f, ins.fake_q.keys.clone())
+            cl_f, _ = ins.contrast("fake", f_f, img_pos, D_ema, aug)  # eq. 7, C_D^f: the key is G(z + 0.15 eps)
+            with torch.no_grad():  # the fake queue: the momentum fake head on the queries (authors' update_q)
+                enq_f = ins.fake_m(f_f.detach())
             L["cl_real"], L["cl_fake"] = cl_r.detach(), cl_f.detach()
             loss = loss + LAMBDA_REAL * cl_r + LAMBDA_FAKE * cl_f
     loss.backward()
-    step_opt(m.opt_D, D.parameters(), world)
+    step_opt(opt_D, D.parameters(), world)
     if ins is not None:
-        step_opt(m.opt_Hr, list(ins.real.parameters()), world)
-        step_opt(m.opt_Hf, list(ins.fake.parameters()), world)
+        step_opt(opt_Hr, list(ins.real.parameters()), world)
+        step_opt(opt_Hf, list(ins.fake.parameters()), world)
         for p in ins.trainable():
             p.requires_grad_(False)
         ins.real_q.push(k_r, world)
         ins.fake_q.push(enq_f, world)
 
     # Dr1: R1 = gamma/2 ||grad_x D(aug(x))||^2 w.r.t. the un-augmented reals, every 16 steps, loss x interval.
-    if step % D_REG_EVERY == 0 and args.gamma > 0:
-        m.opt_D.zero_grad(set_to_none=True)
+    if it % D_REG_EVERY == 0 and args.gamma > 0:
+        opt_D.zero_grad(set_to_none=True)
         x = real.detach().requires_grad_(True)
         logits, _ = D(aug(x))
-        if m.ada is not None:
-            m.ada.accumulate(logits)
+        if ada is not None:
+            ada.accumulate(logits)
         grad, = torch.autograd.grad(logits.sum(), x, create_graph=True)
         r1 = grad.square().sum([1, 2, 3]) * (args.gamma / 2)
         (logits * 0 + r1).mean().mul(D_REG_EVERY).backward()
-        step_opt(m.opt_D, D.parameters(), world)
+        step_opt(opt_D, D.parameters(), world)
         L["r1"] = r1.mean().detach()
     D.requires_grad_(False)
 
-    # EMAs (G: StyleGAN2-ADA half-life with ramp-up; D': 0.999 once per iteration, which is the authors' update at the
-    # start of the next iteration), then ADA every 4 iterations. The momentum heads were updated at their calls.
+    # D': 0.999 once per iteration (the authors' update at the start of the next one; the momentum heads were updated
+    # at their calls), then ADA every 4 iterations. G's EMA: the training loop (ema_beta).
     total = B * world
-    ema_update(m.G_ema, G, stylegan_ema_beta(total, args.ema, step * total, args.rampup))
     if ins is not None:
-        ema_update(m.D_ema, D, MOMENTUM)
-    if m.ada is not None and (step + 1) % ADA_EVERY == 0:
-        m.ada.update(total, world, progress=(step + 1) / args.iters)
-    if m.ada is not None:
-        L["p"] = m.aug.p
+        ema_update(D_ema, D, MOMENTUM)
+    if ada is not None and (it + 1) % ADA_EVERY == 0:
+        ada.update(total, world, progress=(it + 1) / args.iters)
+    if ada is not None:
+        L["p"] = ada.pipe.p
     return L
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Sampling (eval.py contract)
-# ----------------------------------------------------------------------------------------------------------------
+def ema_beta(args, it):
+    """EMA decay of G after iteration it + 1: StyleGAN2-ADA's half-life --ema kimg, with ramp-up (cfg auto)."""
+    return stylegan_ema_beta(args.batch, args.ema, it * args.batch, args.rampup)
+
+
+# ------------------------------------------------------------------------------------------------- training run
+# main -> check_args -> bench | run. run() is the same text in fastgan.py, insgen.py, adafm.py and disp.py except
+# the lines marked `# method`: data, networks, resume, DDP, sampler and evaluator, then the loop (batch, train_step,
+# EMA, progress, Ctrl-C, samples, evaluation, checkpoint), then last.pt and the style-mixing grid.
+def check_args(args):
+    """Every flag (the --cfg table fills the unset ones), before any data is read or network built."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    resolve_cfg(args, world)
+    per_rank = args.batch // world
+    if per_rank and args.batch % world == 0 and per_rank % min(args.mbstd, per_rank):
+        raise UserError(f"per-process batch {per_rank} is not a multiple of the minibatch-std group --mbstd {args.mbstd}")
+
+
+def lazy_adam(params, lr, every):
+    """Lazy regularization (StyleGAN2 App. B): lr * k/(k+1), betas ** (k/(k+1))."""
+    r = every / (every + 1)
+    return torch.optim.Adam(params, lr=lr * r, betas=(0.0 ** r, 0.99 ** r), eps=1e-8)
+
+
+def build(args, device, n_data, world=1):
+    """Everything that trains, with the same initial weights on every rank (seeded with --seed, then rank 0's
+    broadcast): G, D and their lazy-regularization Adams; the ADA pipe and controller (None for --aug noaug); InsGen's
+    heads and queues (queue length from the n_data images), the momentum discriminator D' and the heads' Adams (None
+    for --no-insgen)."""
+    torch.manual_seed(args.seed)
+    G = Generator(args.res, args.cbase, args.cmax, args.map).to(device)
+    D = Discriminator(args.res, args.cbase, args.cmax, args.mbstd).to(device)
+    opt_G = lazy_adam(G.parameters(), args.lr, G_REG_EVERY)
+    opt_D = lazy_adam(D.parameters(), args.lr, D_REG_EVERY)
+    ada = ADA(AugmentPipe().to(device), args.target, args.ada_kimg, args.ada_linear) if args.aug == "ada" else None
+    ins = D_ema = opt_Hr = opt_Hf = None
+    if not args.no_insgen:
+        K = args.queue if args.queue is not None else default_queue(n_data, not args.no_flip)
+        ins = InsGenModule(D.feat_dim, K).to(device)
+        ins.requires_grad_(False)  # heads train only in the D main phase
+        D_ema = make_ema(D)
+        # the authors' training_loop: the real head's Adam takes D's settings (lazy ratio 16/17), the fake head's G's
+        # (ratio 4/5, although it steps in the D phase with no regularization phase of its own)
+        opt_Hr = lazy_adam(ins.real.parameters(), args.lr, D_REG_EVERY)
+        opt_Hf = lazy_adam(ins.fake.parameters(), args.lr, G_REG_EVERY)
+    G.requires_grad_(False)
+    D.requires_grad_(False)
+    if world > 1:
+        for t in (t for m in (G, D, ins, D_ema) if m is not None for t in list(m.parameters()) + list(m.buffers())):
+            dist.broadcast(t, 0)
+    return G, D, opt_G, opt_D, ada, ins, D_ema, opt_Hr, opt_Hf
+
+
+def check_resume(ck, path, args, verbose=True):
+    """The method's part of the early --resume check: an InsGen or ADA checkpoint resumed without them would
+    silently drop that state; a change of x-flips is said."""
+    dropped = [name for k, name, off in (("ins", "InsGen", args.no_insgen), ("ada", "ADA", args.aug == "noaug"))
+               if k in ck and off]
+    if dropped:
+        raise UserError(f"checkpoint {path} trains with {' and '.join(dropped)}; resuming without would silently drop "
+                        "that state: remove --no-insgen / --aug noaug, or start a new --out")
+    if ck["args"].get("no_flip", True) != args.no_flip and verbose:
+        print(f"note: {path} was trained {'with' if not ck['args']['no_flip'] else 'without'} x-flips, this run "
+              f"goes on {'without' if args.no_flip else 'with'} them ({'add' if args.no_flip else 'drop'} --mirror "
+              "to keep them as they were)", flush=True)
+
+
+def upgrade_state(ck, path, ada, ins, opt_Hr, opt_Hf):
+    """The method's part of --resume, before the state_dicts are loaded (returns the checkpoint to load, the given
+    one unchanged): the MoCo queues must have this run's length;
+    a checkpoint without ADA state continues ADA from p = 0; checkpoints from before the per-head optimizers hold one
+    Adam over both heads ('opt_H', real head's parameters first): its moments move to opt_Hr, opt_Hf, whose own
+    lr/betas apply from here on."""
+    ck = dict(ck)
+    if ada is not None and "ada" not in ck:
+        ck["ada"] = ada.state_dict()
+    if ins is None or "ins" not in ck:
+        return ck
+    kc, k = ck["ins"]["real_q.keys"].shape[-1], ins.real_q.keys.shape[1]
+    if kc != k:
+        raise UserError(f"checkpoint {path} has MoCo queues of {kc} keys, this run builds {k}: pass --queue {kc} "
+                        "to resume it (the default is int(5% of the images), x2 with --mirror; runs from before "
+                        "that default also flipped by default: add --mirror)")
+    if "opt_H" in ck:
+        old = torch.optim.Adam(ins.trainable())
+        old.load_state_dict(ck.pop("opt_H"))
+        for opt in (opt_Hr, opt_Hf):
+            for p in opt.param_groups[0]["params"]:
+                if p in old.state:
+                    opt.state[p] = old.state[p]
+        ck["opt_Hr"], ck["opt_Hf"] = opt_Hr.state_dict(), opt_Hf.state_dict()
+    return ck
+
+
+def bench(args):
+    """--bench N: seconds per iteration and per kimg (train_step + EMA) on a random batch at --res/--batch, with and
+    without InsGen (N = 16: one full lazy-regularization cycle); writes nothing."""
+    dist_ = Dist(args.device)
+    device, batch = dist_.device, dist_.per_rank_batch(args.batch)
+    sec = {}
+    for insgen in (True, False):
+        a = copy.copy(args)
+        a.no_insgen = not insgen
+        G, D, opt_G, opt_D, ada, ins, D_ema, opt_Hr, opt_Hf = build(a, device, 2000, dist_.world)  # queue: 2k images
+        G_ema, pl_mean = make_ema(G), torch.zeros([], device=device)
+        real = torch.rand(batch, 3, a.res, a.res, device=device) * 2 - 1
+        its = iter(range(a.bench + 1))  # iteration 0 (warm-up, both regularizations), then 1..N
+
+        def step():
+            it = next(its)
+            train_step(G, D, opt_G, opt_D, real, a, it, pl_mean, ada, ins, D_ema, opt_Hr, opt_Hf, dist_.world)
+            ema_update(G_ema, G, ema_beta(a, it))
+
+        sec[insgen] = sum(time_steps(step, a.bench, device)[1:]) / a.bench
+        if dist_.is_main:
+            print(f"bench: {device} res {a.res} batch {a.batch} cbase {a.cbase} insgen {'on ' if insgen else 'off'}: "
+                  f"{sec[insgen]:.3f} s/iter, {sec[insgen] * 1000 / a.batch:.1f} s/kimg", flush=True)
+    if dist_.is_main:
+        print(f"bench: InsGen overhead {100 * (sec[True] / sec[False] - 1):.0f}%", flush=True)
+    return sec
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with SetupInterrupt() as setup:  # Ctrl-C before the loop: exit 130; a UserError: one line from __main__, exit 2
+        check_args(args)
+        if args.bench:
+            return bench(args)
+        run(args, setup)
+
+
+def run(args, setup=None):
+    dist = Dist(args.device)
+    device, batch = dist.device, dist.per_rank_batch(args.batch)
+    ck, path = read_resume(args, METHOD, ARCH_FLAGS)  # readable, same method and networks: checked first
+    if ck:  # method
+        check_resume(ck, path, args, dist.is_main)
+    seed_everything(args.seed + dist.rank)
+    ds = load_dataset(args.data, args.res, args.data_root, args.crop)
+    out = prepare_run_dir(args, METHOD, dist.is_main)
+    G, D, opt_G, opt_D, ada, ins, D_ema, opt_Hr, opt_Hf = build(args, device, len(ds), dist.world)  # method
+    G_ema = make_ema(G)
+    pl_mean = torch.zeros([], device=device)  # method: the path-length regularizer's running mean
+    seed_everything(args.seed * dist.world + dist.rank)  # method: one RNG stream per rank after the shared init
+    saved = {"G": G, "D": D, "G_ema": G_ema, "opt_G": opt_G, "opt_D": opt_D}  # checkpoint entry -> its object
+    saved.update({k: v for k, v in (("ada", ada), ("ins", ins), ("D_ema", D_ema), ("opt_Hr", opt_Hr),
+                                    ("opt_Hf", opt_Hf)) if v is not None})  # method
+    if ck:  # method
+        ck = upgrade_state(ck, path, ada, ins, opt_Hr, opt_Hf)
+        pl_mean.copy_(ck["pl_mean"])
+    start, best = resume(ck, path, saved, dist, args) if ck else (0, float("inf"))
+    G_run, D_run = G, D  # method: no DDP wrapper (R1 / path-length double backward): step_opt all-reduces gradients
+
+    def state(step, **extra):  # the checkpoint: `saved`, the RNGs, the best FID (resume() loads the same entries)
+        return {"method": METHOD, "args": vars(args), "step": step, "rng": rng_state(), "best_fid": best,
+                **{k: v.state_dict() for k, v in saved.items()}, **extra, "pl_mean": pl_mean.cpu()}  # method: pl_mean
+
+    def ema_sampler():  # G_ema as eval.py samples it
+        return Sampler(G_ema, device, args.psi, noise="const")  # method: grids with the constant noise maps
+
+    fixed_z = Sampler(G_ema, device).latents(64, args.seed + 12345)  # method
+    evaluator = training_evaluator(ds, device, args, dist.is_main)
+    batches = infinite_batches(ds, batch, args.seed, start, flip=not args.no_flip, rank=dist.rank, world=dist.world,
+                               workers=args.workers, device=device)
+    progress = Progress(args.iters, start, args.log_every, dist.is_main, out)
+    if dist.is_main:
+        K = ins.real_q.keys.shape[1] if ins is not None else 0
+        print(f"{METHOD}: {len(ds)} images | res {args.res} cfg {args.cfg} batch {args.batch} gamma {args.gamma:g} "
+              f"ema {args.ema:g} kimg map {args.map} mbstd {args.mbstd} | G {count_params(G):,} D {count_params(D):,} "
+              f"params | aug {args.aug}, x-flips {'off' if args.no_flip else 'on'} | "
+              f"insgen {'off' if ins is None else f'on (queue {K}, tau {TAU})'} | {device} x{dist.world}",
+              flush=True)  # method
+    stop = StopOnInterrupt(dist.is_main)  # Ctrl-C: finish the iteration, save last.pt, exit 130
+    if setup:
+        setup.done()
+    step, sampler = start, None
+    try:
+        for it in range(start, args.iters):  # it: the iterations done before this one
+            step, last = it + 1, it + 1 == args.iters
+            real = next(batches)
+            losses = train_step(G_run, D_run, opt_G, opt_D, real, args, it, pl_mean, ada, ins, D_ema, opt_Hr, opt_Hf,
+                                dist.world)  # method
+            ema_update(G_ema, G, ema_beta(args, it))  # parameters averaged, buffers copied (ema_beta: the decay)
+            if step % args.log_every == 0 or step % args.ckpt_every == 0 or last:
+                check_finite(losses, step, out)
+            progress(step, **losses)
+            if stop.requested:
+                if dist.is_main:
+                    save_checkpoint(state(step), os.path.join(out, "ckpt", "last.pt"))
+                    print(f"interrupted: saved {os.path.join(out, 'ckpt', 'last.pt')} at iteration {step}", flush=True)
+                sys.exit(130)
+            if not dist.is_main:
+                continue
+            sample_now = step % args.sample_every == 0 or last
+            eval_now = evaluator is not None and (step % args.eval_every == 0 or last)
+            sampler = ema_sampler() if sample_now or eval_now else sampler
+            if sample_now:
+                save_grid(sampler.generate(fixed_z), os.path.join(out, "samples", f"{step:06d}.png"))
+                if args.mix_grid:  # method
+                    save_style_mix(sampler, os.path.join(out, "samples", f"mix_{step:06d}.png"), args.seed, 5, 5)
+            if eval_now:
+                m = evaluator(Sampler(G_ema, device, args.psi).sample)  # method: random noise, as NVIDIA's metrics
+                log_metrics(out, {"iter": step, **m})
+                print(f"eval it {step}: fid {m['fid']:.2f} kid {m['kid']:.4f} ({m['protocol']})", flush=True)
+                if m["fid"] < best:
+                    best = m["fid"]
+                    save_checkpoint(state(step, metrics=m), os.path.join(out, "ckpt", "best.pt"))
+            if step % args.ckpt_every == 0 and not last:
+                save_checkpoint(state(step), os.path.join(out, "ckpt", "last.pt"))
+        if dist.is_main:  # the end: last.pt (with --iters 0: the initial networks) and the style-mixing grid
+            save_checkpoint(state(step), os.path.join(out, "ckpt", "last.pt"))
+            save_style_mix(sampler or ema_sampler(), os.path.join(out, "samples", "style_mix.png"), args.seed)
+            print(f"done: {out} (samples/, ckpt/last.pt)", flush=True)
+    finally:
+        stop.restore()
+        dist.close()
+
+
+# -------------------------------------------------------------------------------------- sampling (eval.py contract)
 class Sampler(SamplerBase):
     """noise 'random' (default; what NVIDIA's metrics use): per-pixel noise drawn fresh per image, seeded by the latents
     so the same latents give the same images; 'const': the learned constant noise maps (training grids, smooth
@@ -926,179 +1104,6 @@ def load_for_sampling(ckpt, device, psi=None, noise="random"):
     G = build_generator(ckpt["args"]).to(device)
     G.load_state_dict(ckpt["G_ema"])
     return Sampler(G, device, float(psi) if psi is not None else ckpt["args"].get("psi", 1.0), noise)
-
-
-def mix_grid(sampler, n=5, seed=0):
-    """Row 0: [blank, B_1..B_n]; rows i: [A_i, mix(A_i, B_1..B_n)] (coarse from A, the rest from B)."""
-    za, zb = sampler.latents(n, seed), sampler.latents(n, seed + 1)
-    a, b = sampler.generate(za), sampler.generate(zb)
-    rows = [torch.cat([-torch.ones_like(a[:1]), b])]
-    for i in range(n):
-        rows.append(torch.cat([a[i:i + 1], sampler.style_mix(za[i:i + 1].expand(n, -1), zb)]))
-    return torch.cat(rows), n + 1
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------------------------
-def state_dict(m, args, step, best=float("inf")):
-    ck = {"method": "insgen", "args": vars(args), "step": step, "G": m.G.state_dict(), "D": m.D.state_dict(),
-          "G_ema": m.G_ema.state_dict(), "opt_G": m.opt_G.state_dict(), "opt_D": m.opt_D.state_dict(),
-          "pl_mean": m.pl_mean.cpu(), "rng": rng_state(), "best_fid": best}
-    if m.ada is not None:
-        ck["ada"] = {"p": m.aug.p, "acc": m.ada.acc.cpu(), "rt": m.ada.rt}
-    if m.ins is not None:
-        ck.update(ins=m.ins.state_dict(), D_ema=m.D_ema.state_dict(), opt_Hr=m.opt_Hr.state_dict(),
-                  opt_Hf=m.opt_Hf.state_dict())
-    return ck
-
-
-def load_state(m, ck, path):
-    dropped = [name for k, name, have in (("ins", "InsGen", m.ins), ("ada", "ADA", m.ada)) if k in ck and have is None]
-    if dropped:
-        raise UserError(f"checkpoint {path} trains with {' and '.join(dropped)}; "
-                        "resuming without would silently drop that state: remove --no-insgen / --aug noaug, or start a new --out")
-    if m.ins is not None and "ins" in ck:
-        kc, k = ck["ins"]["real_q.keys"].shape[-1], m.ins.real_q.keys.shape[1]
-        if kc != k:
-            raise UserError(f"checkpoint {path} has MoCo queues of {kc} keys, this run builds {k}: pass --queue {kc} "
-                            "to resume it (the default is int(5% of the images), x2 with --mirror; runs from before "
-                            "that default also flipped by default: add --mirror)")
-    try:
-        m.G.load_state_dict(ck["G"])
-        m.D.load_state_dict(ck["D"])
-        m.G_ema.load_state_dict(ck["G_ema"])
-        m.opt_G.load_state_dict(ck["opt_G"])
-        m.opt_D.load_state_dict(ck["opt_D"])
-        if m.ins is not None:
-            m.ins.load_state_dict(ck["ins"])
-            m.D_ema.load_state_dict(ck["D_ema"])
-            load_head_opts(m, ck)
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise UserError(f"checkpoint {path} does not match this architecture/configuration (res, --cfg, --cbase, "
-                        f"--cmax, --map, --queue, --no-insgen): {str(e).splitlines()[0][:160]}")
-    m.pl_mean.copy_(ck["pl_mean"])
-    if m.ada is not None and "ada" in ck:
-        m.aug.p, m.ada.rt = float(ck["ada"]["p"]), float(ck["ada"]["rt"])
-        m.ada.acc = ck["ada"]["acc"].clone()
-
-
-def load_head_opts(m, ck):
-    """Per-head Adam states. Checkpoints from before the per-head optimizers hold one Adam over both heads
-    ('opt_H', real head's parameters first): its moments move over and the new lr/betas apply from here on."""
-    if "opt_H" not in ck:
-        m.opt_Hr.load_state_dict(ck["opt_Hr"])
-        m.opt_Hf.load_state_dict(ck["opt_Hf"])
-        return
-    old = torch.optim.Adam(m.ins.trainable())
-    old.load_state_dict(ck["opt_H"])
-    for opt in (m.opt_Hr, m.opt_Hf):
-        for p in opt.param_groups[0]["params"]:
-            if p in old.state:
-                opt.state[p] = old.state[p]
-
-
-def bench(args, d, ds):
-    """Seconds per kimg for `args.bench` iterations (after 1 warm-up), with and without InsGen."""
-    res = {}
-    for insgen in (True, False):
-        a = copy.copy(args)
-        a.no_insgen = not insgen
-        m = build(a, d.device, len(ds), d.world)
-        it = infinite_batches(ds, d.per_rank_batch(a.batch), a.seed, 0, not a.no_flip, d.rank, d.world, 0, d.device)
-        train_step(m, a, next(it), 0, d.world)
-        sync = (lambda: torch.cuda.synchronize()) if d.device.type == "cuda" else (lambda: None)
-        sync()
-        t0 = time.time()
-        for s in range(1, a.bench + 1):
-            train_step(m, a, next(it), s, d.world)
-        sync()
-        sec = (time.time() - t0) / a.bench
-        res[insgen] = sec
-        if d.is_main:
-            print(f"bench: {d.device} res {a.res} batch {a.batch} cbase {a.cbase} insgen {'on ' if insgen else 'off'}: "
-                  f"{sec:.3f} s/iter, {sec * 1000 / a.batch:.1f} s/kimg", flush=True)
-    if d.is_main:
-        print(f"bench: InsGen overhead {100 * (res[True] / res[False] - 1):.0f}%", flush=True)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    d = Dist(args.device)
-    resolve_cfg(args, d.world)
-    per_rank = d.per_rank_batch(args.batch)
-    if per_rank % min(args.mbstd, per_rank):
-        raise UserError(f"per-process batch {per_rank} is not a multiple of the minibatch-std group --mbstd {args.mbstd}")
-    ds = load_dataset(args.data, args.res, args.data_root, args.crop)
-    if args.bench:
-        return bench(args, d, ds)
-    prepare_run_dir(args, "insgen", d.is_main)
-    m = build(args, d.device, len(ds), d.world)
-    start, best = 0, float("inf")
-    path = resolve_resume(args)
-    if path:
-        ck = load_checkpoint(path, map_location=d.device)
-        check_method(ck, "insgen", path)
-        load_state(m, ck, path)
-        start, best = ck["step"], ck.get("best_fid", best)
-        if d.is_main and ck["args"].get("no_flip", True) != args.no_flip:
-            print(f"note: {path} was trained {'with' if not ck['args']['no_flip'] else 'without'} x-flips, this run "
-                  f"goes on {'without' if args.no_flip else 'with'} them ({'add' if args.no_flip else 'drop'} --mirror "
-                  "to keep them as they were)", flush=True)
-        restore_rng(ck["rng"], d.rank, args.seed, start)
-    else:
-        seed_everything(args.seed * d.world + d.rank)
-    if d.is_main:
-        K = m.ins.real_q.keys.shape[1] if m.ins is not None else 0
-        print(f"insgen: {len(ds)} images | res {args.res} cfg {args.cfg} batch {args.batch} gamma {args.gamma:g} "
-              f"ema {args.ema:g} kimg map {args.map} mbstd {args.mbstd} | G {sum(p.numel() for p in m.G.parameters()):,}"
-              f" D {sum(p.numel() for p in m.D.parameters()):,} params | aug {args.aug}, x-flips "
-              f"{'off' if args.no_flip else 'on'} | "
-              f"insgen {'off' if m.ins is None else f'on (queue {K}, tau {TAU})'} | {d.device} x{d.world}", flush=True)
-    data = infinite_batches(ds, per_rank, args.seed, start, not args.no_flip, d.rank, d.world, args.workers, d.device)
-    sampler = Sampler(m.G_ema, d.device, args.psi, noise="const")  # grids: fixed latents and noise, comparable over time
-    eval_sampler = Sampler(m.G_ema, d.device, args.psi)  # metrics: random noise, as NVIDIA's metric code
-    evaluator = training_evaluator(ds, d.device, args, d.is_main)
-    prog = Progress(args.iters, start, args.log_every, d.is_main, args.out)
-    z_fixed = sampler.latents(64, args.seed + 12345)
-    last = dict(ckpt=os.path.join(args.out, "ckpt", "last.pt"))
-
-    def write_samples(step):
-        save_grid(sampler.generate(z_fixed), os.path.join(args.out, "samples", f"{step:06d}.png"), nrow=8)
-        if args.mix_grid:
-            grid, n = mix_grid(sampler, seed=args.seed)
-            save_grid(grid, os.path.join(args.out, "samples", f"mix_{step:06d}.png"), nrow=n)
-
-    step = start
-    stop = StopOnInterrupt(d.is_main)  # Ctrl-C: finish the iteration, save last.pt, exit 130
-    try:
-        while step < args.iters:
-            losses = train_step(m, args, next(data), step, d.world)
-            step += 1
-            if step % args.log_every == 0 or step == args.iters:
-                vals = {k: float(v) for k, v in losses.items()}
-                check_finite(vals, step, args.out)
-                prog(step, **vals)
-            if d.is_main and (step % args.sample_every == 0 or step == args.iters):
-                write_samples(step)
-            if evaluator is not None and step % args.eval_every == 0:
-                r = evaluator(lambda n, seed: eval_sampler.sample(n, seed))
-                log_metrics(args.out, {"iter": step, **r})
-                print(f"eval it {step}: fid {r['fid']:.2f} kid {r['kid']:.4f} ({r['protocol']})", flush=True)
-                if r["fid"] < best:
-                    best = r["fid"]
-                    save_checkpoint(state_dict(m, args, step, best), os.path.join(args.out, "ckpt", "best.pt"))
-            if d.is_main and (step % args.ckpt_every == 0 or step == args.iters):
-                save_checkpoint(state_dict(m, args, step, best), last["ckpt"])
-            if stop.requested:
-                if d.is_main:
-                    save_checkpoint(state_dict(m, args, step, best), last["ckpt"])
-                    print(f"interrupted at iteration {step}: saved {last['ckpt']}", flush=True)
-                d.close()
-                sys.exit(130)
-    finally:
-        stop.restore()
-    d.close()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Run plumbing shared by every method script: flags, errors, seeding, devices, DDP, run directories,
-checkpoints, progress lines and image grids. Nothing here knows about any GAN."""
+checkpoints and resume, progress lines, interrupts, image grids (samples, style mixing) and --bench timing.
+Nothing here knows about any GAN."""
 import hashlib
 import json
 import math
@@ -98,6 +99,13 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
+    def wrap(self, model, **kw):
+        """`model` itself in one process; under torchrun DistributedDataParallel(model, **kw) on this rank's device."""
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None, **kw)
+
     def close(self):
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -130,6 +138,55 @@ def resolve_resume(args):
     if not os.path.isfile(args.resume):
         raise UserError(f"--resume {args.resume}: no such checkpoint file (use --resume auto to start fresh when none exists)")
     return args.resume
+
+
+def check_flags(ckpt, path, args, names, defaults=None):
+    """The flags `names` (they fix the networks' shapes) must be the checkpoint's; one its args lack takes its value
+    from `defaults` (older checkpoints), else it is not checked (the state_dicts then must still fit)."""
+    defaults = defaults or {}
+    for k in names:
+        if k not in ckpt["args"] and k not in defaults:
+            continue
+        old = ckpt["args"].get(k, defaults.get(k))
+        if old != getattr(args, k):
+            raise UserError(f"checkpoint {path} was trained with --{k.replace('_', '-')} {old}, this run asks for "
+                            f"{getattr(args, k)}: the architecture must be the same (use the same flags, or a new "
+                            "--out)")
+
+
+def read_resume(args, method, arch=(), defaults=None):
+    """--resume, read and checked before any expensive set-up (data, priors, source weights, networks):
+    (checkpoint, path) of a readable checkpoint written by `method` with the flags `arch` unchanged (check_flags);
+    (None, None) for a fresh start."""
+    path = resolve_resume(args)
+    if not path:
+        return None, None
+    ckpt = load_checkpoint(path)
+    check_method(ckpt, method, path)
+    check_flags(ckpt, path, args, arch, defaults)
+    return ckpt, path
+
+
+def load_state_dicts(ckpt, path, saved):
+    """obj.load_state_dict(ckpt[k]) for every entry k -> obj of `saved`; a mismatch is one UserError line."""
+    try:
+        for k, obj in saved.items():
+            obj.load_state_dict(ckpt[k])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UserError(f"checkpoint {path} does not match the networks these flags build ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160]}): use the run's own flags, or a new --out")
+
+
+def resume(ckpt, path, saved, dist, args):
+    """Continue a run: every entry of `saved` (checkpoint key -> object with load_state_dict: networks, optimizers,
+    ...) from the checkpoint, then the RNG states (restore_rng). Returns (step, best FID). A run's checkpoint holds
+    exactly these entries (its `state`), so what is saved is what is loaded."""
+    load_state_dicts(ckpt, path, saved)
+    step = ckpt["step"]
+    restore_rng(ckpt["rng"], dist.rank, args.seed, step)
+    if dist.is_main:
+        print(f"resumed from {path} at iteration {step}", flush=True)
+    return step, ckpt.get("best_fid", float("inf"))
 
 
 def save_checkpoint(obj, path):
@@ -284,6 +341,37 @@ def save_grid(images, path, nrow=None):
     tmp = path + ".tmp.png"
     vutils.save_image(grid, tmp)
     os.replace(tmp, path)
+
+
+@torch.no_grad()
+def save_style_mix(sampler, path, seed=0, n_a=6, n_b=4, batch=64):
+    """The style-mixing grid (eval.py --mix, and samples/style_mix.png at the end of training): a blank corner, the
+    top row n_a samples a, the left column n_b samples b, cell (row r, column c) = sampler.style_mix(a_c, b_r)
+    (a's coarse part, b's fine part; what each method swaps is in its Sampler.style_mix)."""
+    if not callable(getattr(sampler, "style_mix", None)):
+        raise UserError(f"{type(sampler).__module__}'s Sampler has no style_mix(lat_a, lat_b): no style-mixing grid")
+    za, zb = sampler.latents(n_a, seed), sampler.latents(n_b, seed + 1)
+    a_rep, b_rep = za.repeat(n_b, *[1] * (za.dim() - 1)), zb.repeat_interleave(n_a, 0)
+    cat = lambda f, *zs: torch.cat([f(*(z[i:i + batch] for z in zs)).float().cpu()  # noqa: E731
+                                    for i in range(0, len(zs[0]), batch)])
+    ia, ib, mixed = cat(sampler.generate, za), cat(sampler.generate, zb), cat(sampler.style_mix, a_rep, b_rep)
+    rows = [torch.cat([torch.ones_like(ia[:1]), ia])]
+    rows += [torch.cat([ib[r:r + 1], mixed[r * n_a:(r + 1) * n_a]]) for r in range(n_b)]
+    save_grid(torch.cat(rows), path, nrow=n_a + 1)
+    return path
+
+
+def time_steps(step, n, device):
+    """--bench: the seconds of each of n + 1 calls of `step()` (the first one is the warm-up), CUDA synchronised."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(n + 1):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def autocast(device, enabled):

@@ -548,6 +548,34 @@ def test_bad_input_one_clear_error(tmp_path, flags, msg):
     assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], p.stderr
 
 
+def test_resume_is_checked_before_the_data_is_read(tmp_path, monkeypatch, capsys):
+    """--resume: an unreadable last.pt, another method's checkpoint or other architecture flags (an older checkpoint
+    without the ablation flags is the full model) fail with one line before any data is read or network built."""
+    monkeypatch.setattr(fg, "load_dataset", lambda *a, **k: pytest.fail("data read before the checkpoint was checked"))
+
+    def error(argv):
+        with pytest.raises(SystemExit) as e:
+            fg.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        return err
+
+    out = tmp_path / "run"
+    last = out / "ckpt" / "last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(os.urandom(1000))
+    args = TINY + ["--iters", "2", "--out", str(out), "--resume", "auto"]
+    assert "cannot read checkpoint" in error(args)
+    torch.save({"method": "disp", "args": {}}, last)
+    assert "written by 'disp', not 'fastgan'" in error(args)
+    a = vars(fg.parse_args(TINY))
+    torch.save({"method": "fastgan", "args": {**a, "ngf": 16}}, last)
+    assert "trained with --ngf 16, this run asks for 8: the architecture" in error(args)
+    torch.save({"method": "fastgan", "args": {k: v for k, v in a.items() if k not in ("no_sle", "no_recon")}}, last)
+    assert "trained with --no-sle False, this run asks for True" in error(args + ["--no-sle"])
+    assert not (out / "args.json").exists()
+
+
 # ------------------------------------------------------------------------------------------------ learning check
 def rms_stat_distance(x, data):
     """RMS difference of the per-pixel mean images plus RMS difference of the per-pixel std images."""

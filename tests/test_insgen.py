@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import insgen as I  # noqa: E402
-from common.utils import UserError  # noqa: E402
+from common.utils import UserError, load_state_dicts  # noqa: E402
 
 TINY = ["--data", "digits", "--res", "32", "--cfg", "auto", "--cbase", "256", "--cmax", "32", "--batch", "4",
         "--workers", "0"]
@@ -335,10 +336,35 @@ def test_heads_and_momentum():
 
 
 def tiny_model(*flags, n=100):
-    """A res-16 InsGen model (D widths 8-16) built as main() builds it, for n training images."""
+    """A res-16 InsGen model (D widths 8-16) built as main() builds it, for n training images (its parts by name)."""
     a = I.resolve_cfg(I.parse_args(["--res", "16", "--cfg", "auto", "--cbase", "128", "--cmax", "16", "--batch", "4",
                                     *flags]))
-    return a, I.build(a, "cpu", n)
+    G, D, opt_G, opt_D, ada, ins, D_ema, opt_Hr, opt_Hf = I.build(a, "cpu", n)
+    return a, SimpleNamespace(G=G, D=D, opt_G=opt_G, opt_D=opt_D, ada=ada, ins=ins, D_ema=D_ema, opt_Hr=opt_Hr,
+                              opt_Hf=opt_Hf, pl_mean=torch.zeros([]))
+
+
+def train_step(m, a, real, it):
+    """insgen.train_step on the parts of a tiny_model."""
+    return I.train_step(m.G, m.D, m.opt_G, m.opt_D, real, a, it, m.pl_mean, m.ada, m.ins, m.D_ema, m.opt_Hr, m.opt_Hf)
+
+
+def saved(m):
+    """The checkpoint entries insgen.run() saves and resumes (its `saved`; G_ema aside, which tiny_model lacks)."""
+    return {"G": m.G, "D": m.D, "opt_G": m.opt_G, "opt_D": m.opt_D, "ada": m.ada, "ins": m.ins, "D_ema": m.D_ema,
+            "opt_Hr": m.opt_Hr, "opt_Hf": m.opt_Hf}
+
+
+def state_dict(m):
+    """What insgen.run() checkpoints of a tiny_model (its state(), less step, args and RNGs)."""
+    return {**{k: v.state_dict() for k, v in saved(m).items()}, "pl_mean": m.pl_mean.clone()}
+
+
+def load_state(m, ck, path):
+    """What insgen.run() does with a --resume checkpoint (less the RNGs)."""
+    ck = I.upgrade_state(ck, path, m.ada, m.ins, m.opt_Hr, m.opt_Hf)
+    m.pl_mean.copy_(ck["pl_mean"])
+    load_state_dicts(ck, path, saved(m))
 
 
 def test_head_optimizers_follow_their_network():
@@ -353,7 +379,7 @@ def test_head_optimizers_follow_their_network():
         assert [id(p) for p in g["params"]] == [id(p) for p in head.parameters()]
     before = [p.clone() for p in m.ins.trainable()]
     torch.manual_seed(0)
-    I.train_step(m, a, torch.rand(4, 3, 16, 16) * 2 - 1, step=1)
+    train_step(m, a, torch.rand(4, 3, 16, 16) * 2 - 1, 1)
     assert all(not torch.equal(b, p) for b, p in zip(before, m.ins.trainable()))  # both heads trained
     assert all(int(s["step"]) == 1 for opt in (m.opt_Hr, m.opt_Hf) for s in opt.state.values())
 
@@ -380,7 +406,7 @@ def test_momentum_updates_happen_at_each_head_call():
     for name in seen:
         pairs[name][0].register_forward_pre_hook(lambda mod, inp, name=name: seen[name].append(offset(name)))
     torch.manual_seed(0)
-    I.train_step(m, a, torch.rand(4, 3, 16, 16) * 2 - 1, step=1)
+    train_step(m, a, torch.rand(4, 3, 16, 16) * 2 - 1, 1)
     mm = I.MOMENTUM
     # fake: G-phase key after update 1; D-phase key and the enqueued query features after update 2
     assert seen["fake"] == pytest.approx([mm, mm ** 2, mm ** 2], abs=1e-5)
@@ -406,7 +432,7 @@ def test_perturbed_positive_is_its_own_G_pass(monkeypatch):
 
     monkeypatch.setattr(I.Mapping, "forward", record)
     torch.manual_seed(0)
-    I.train_step(m, a, torch.rand(4, 3, 16, 16) * 2 - 1, step=1)
+    train_step(m, a, torch.rand(4, 3, 16, 16) * 2 - 1, 1)
     main = [c for c in calls if c[1]]
     mixing = [c for c in calls if not c[1]]
     assert len(calls) == 6 and len(main) == 3 and len(mixing) == 3
@@ -434,23 +460,23 @@ def test_checkpoints_from_before_the_per_head_optimizers():
     for p in m.ins.trainable():
         p.grad = torch.randn_like(p)
     old.step()
-    ck = I.state_dict(m, a, 3)
+    ck = state_dict(m)
     del ck["opt_Hr"], ck["opt_Hf"]
     ck["opt_H"] = old.state_dict()
     _, m2 = tiny_model()
-    I.load_state(m2, ck, "old.pt")
+    load_state(m2, ck, "old.pt")
     for opt, h_old, h_new, k in ((m2.opt_Hr, m.ins.real, m2.ins.real, 16), (m2.opt_Hf, m.ins.fake, m2.ins.fake, 4)):
         assert opt.param_groups[0]["lr"] == pytest.approx(a.lr * k / (k + 1))
         for p_old, p_new in zip(h_old.parameters(), h_new.parameters()):
             assert torch.equal(p_old, p_new)
             assert torch.equal(opt.state[p_new]["exp_avg_sq"], old.state[p_old]["exp_avg_sq"])
     _, m3 = tiny_model()
-    I.load_state(m3, I.state_dict(m2, a, 3), "new.pt")  # the new format round-trips
+    load_state(m3, state_dict(m2), "new.pt")  # the new format round-trips
     assert torch.equal(m3.opt_Hf.state_dict()["state"][0]["exp_avg"], m2.opt_Hf.state_dict()["state"][0]["exp_avg"])
     ck["ins"]["real_q.keys"] = torch.randn(128, 10)
     ck["ins"]["fake_q.keys"] = torch.randn(128, 10)
     with pytest.raises(UserError, match="has MoCo queues of 10 keys, this run builds 5: pass --queue 10"):
-        I.load_state(tiny_model()[1], ck, "old.pt")
+        load_state(tiny_model()[1], ck, "old.pt")
 
 
 # ---------------------------------------------------------------------------------------------------- runs
@@ -514,6 +540,30 @@ def test_smoke_resume_and_sampling(tmp_path):
     r = run(["--res", "48", "--out", str(tmp_path / "z")])
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --res 48 is not supported: use a power of "
                                                                   "two from 8 to 1024"]
+
+
+def test_resume_is_checked_before_the_data_is_read(tmp_path, monkeypatch):
+    """--resume: an unreadable last.pt, another method's checkpoint, other architecture flags or InsGen state that
+    the flags would drop fail with one UserError before any data is read or network built."""
+    monkeypatch.setattr(I, "load_dataset", lambda *a, **k: pytest.fail("data read before the checkpoint was checked"))
+    out = tmp_path / "run"
+    last = out / "ckpt" / "last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(os.urandom(1000))
+    args = TINY + ["--iters", "2", "--out", str(out), "--resume", "auto"]
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        I.main(args)
+    torch.save({"method": "adafm", "args": {}}, last)
+    with pytest.raises(UserError, match="written by 'adafm', not 'insgen'"):
+        I.main(args)
+    a = vars(I.resolve_cfg(I.parse_args(TINY)))
+    torch.save({"method": "insgen", "args": {**a, "cmax": 64}}, last)
+    with pytest.raises(UserError, match="trained with --cmax 64, this run asks for 32: the architecture"):
+        I.main(args)
+    torch.save({"method": "insgen", "args": a, "ins": {}}, last)
+    with pytest.raises(UserError, match="trains with InsGen"):
+        I.main(args + ["--no-insgen"])
+    assert not (out / "args.json").exists()
 
 
 def test_learns_digits(tmp_path):

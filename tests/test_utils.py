@@ -156,3 +156,68 @@ def test_restore_rng_exact_on_rank0_distinct_on_other_ranks():
     assert torch.equal(draws[0][0], want)
     assert torch.equal(draws[1][0], draws[1][1])  # reproducible
     assert not torch.equal(draws[1][0], want) and not torch.equal(draws[1][0], draws[2][0])
+
+
+def test_read_resume_and_resume_roundtrip(tmp_path, capsys):
+    """The skeleton's checkpoint path: read_resume checks file, method and the architecture flags (older checkpoints
+    without a flag take `defaults`), resume() loads every `saved` entry and the RNGs, a mismatch is one UserError."""
+    from types import SimpleNamespace
+    from common.utils import read_resume, resume
+    net = torch.nn.Linear(3, 2)
+    saved = {"G": net, "opt_G": torch.optim.Adam(net.parameters())}
+    args = argparse.Namespace(out=str(tmp_path), resume="auto", seed=0, res=32, width=8, ablate=False)
+    assert read_resume(args, "m", ("res", "width")) == (None, None)  # auto without last.pt: a fresh start
+    path = str(tmp_path / "ckpt" / "last.pt")
+    torch.manual_seed(5)
+    save_checkpoint({"method": "m", "args": {"res": 32, "width": 8}, "step": 4, "rng": rng_state(), "best_fid": 3.0,
+                     **{k: v.state_dict() for k, v in saved.items()}}, path)
+    expected = torch.rand(2)
+    ck, p = read_resume(args, "m", ("res", "width", "ablate"), {"ablate": False})
+    net2 = torch.nn.Linear(3, 2)
+    assert resume(ck, p, {"G": net2, "opt_G": torch.optim.Adam(net2.parameters())},
+                  SimpleNamespace(rank=0, is_main=True), args) == (4, 3.0)
+    assert torch.equal(net2.weight, net.weight) and torch.equal(torch.rand(2), expected)
+    assert "resumed from" in capsys.readouterr().out
+    with pytest.raises(UserError, match="trained with --width 8, this run asks for 16: the architecture"):
+        read_resume(argparse.Namespace(**{**vars(args), "width": 16}), "m", ("res", "width"))
+    with pytest.raises(UserError, match="trained with --ablate False, this run asks for True"):
+        read_resume(argparse.Namespace(**{**vars(args), "ablate": True}), "m", ("ablate",), {"ablate": False})
+    with pytest.raises(UserError, match="written by 'm', not 'other'"):
+        read_resume(args, "other")
+    with pytest.raises(UserError, match="does not match the networks"):
+        resume(ck, p, {"G": torch.nn.Linear(3, 5)}, SimpleNamespace(rank=0, is_main=False), args)
+
+
+def test_style_mix_grid_layout_and_bench_timer(tmp_path):
+    """save_style_mix (eval.py --mix and the end of training): white corner, top row a, left column b, cell (r, c) =
+    style_mix(a_c, b_r), whatever the chunking; time_steps: n + 1 timed calls."""
+    from PIL import Image
+    from common.utils import SamplerBase, save_style_mix, time_steps
+
+    class Toy(SamplerBase):  # image = colour from the latent; style_mix: red from a, green and blue from b
+        res = 4
+
+        def latents(self, n, seed):
+            return torch.rand(n, 3, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+        def generate(self, z):
+            return z[:, :, None, None].expand(-1, 3, 4, 4)
+
+        def style_mix(self, a, b):
+            return self.generate(torch.cat([a[:, :1], b[:, 1:]], 1))
+
+    s = Toy()
+    path = save_style_mix(s, str(tmp_path / "mix.png"), seed=3, n_a=3, n_b=2, batch=2)
+    img = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1).float() / 127.5 - 1
+    tile = lambda r, c: img[:, 2 + r * 6: 6 + r * 6, 2 + c * 6: 6 + c * 6]  # noqa: E731  (make_grid padding 2)
+    za, zb = s.latents(3, 3), s.latents(2, 4)
+    assert (tile(0, 0) == 1).all()  # blank corner
+    for c in range(3):
+        assert torch.allclose(tile(0, c + 1), s.generate(za[c:c + 1])[0], atol=1 / 127)
+        for r in range(2):
+            assert torch.allclose(tile(r + 1, c + 1), s.style_mix(za[c:c + 1], zb[r:r + 1])[0], atol=1 / 127)
+    calls = []
+    times = time_steps(lambda: calls.append(1), 3, "cpu")
+    assert len(times) == len(calls) == 4 and min(times) >= 0
+    with pytest.raises(UserError, match="no style_mix"):
+        save_style_mix(SamplerBase(), str(tmp_path / "x.png"))
