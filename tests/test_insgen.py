@@ -7,6 +7,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -524,6 +525,16 @@ def test_smoke_resume_and_sampling(tmp_path):
     assert 0 < (same_w - same_w[:1]).abs().max()  # one w for all, but each image its own noise draw
     with pytest.raises(UserError, match="noise"):
         I.load_for_sampling(ck, "cpu", noise="bogus")
+    # the training grid (default --grid-noise random) is what the metrics sampler draws for the fixed latents, pixel
+    # for pixel; NVIDIA's constant maps hid a noise-driven G (one '8' in all 64 cells of a digits run at 16 px)
+    from PIL import Image
+    from common.utils import save_grid
+    r.psi = 1.0
+    save_grid(r.generate(r.latents(64, 0 + 12345)), str(tmp_path / "re.png"))
+    grid = lambda f: np.asarray(Image.open(f))  # noqa: E731
+    assert np.array_equal(grid(os.path.join(full, "samples", "000006.png")), grid(tmp_path / "re.png"))
+    mix = r.style_mix(z, s.latents(5, seed=4))  # random noise (seeded by lat_a) here too, reproducible
+    assert torch.equal(mix, r.style_mix(z, s.latents(5, seed=4))) and not torch.equal(mix, s.style_mix(z, s.latents(5, seed=4)))
     # an InsGen + ADA checkpoint resumed as plain StyleGAN2 would silently drop heads, queues and p: refused
     with pytest.raises(UserError, match="InsGen"):
         I.main(common + ["--iters", "7", "--out", str(tmp_path / "w"), "--resume", os.path.join(full, "ckpt", "last.pt"),
