@@ -5,6 +5,8 @@ sample grids, latent interpolations and style-mixing grids.
     python eval.py runs/x/ckpt/last.pt --metrics none --grid --interp --psi 0.7
     python eval.py --fake-dir my_samples/ --data pokemon --res 256 --metrics fid,kid
     python eval.py runs/x --metrics mem --mem-grid          # nearest training images of the closest fakes
+    python eval.py runs/x --metrics none --save-images fakes/ --seeds 0-4999   # fakes/seed0000.png ... (--fake-dir)
+    python eval.py runs/x --metrics none --gif walk.gif --gif-seeds 0-7 --gif-frames 30 --gif-fps 30
 
 A run directory means <dir>/ckpt/best.pt if present, else <dir>/ckpt/last.pt. The checkpoint names its method
 (`ckpt["method"]`, the script name); eval.py imports that script and calls its
@@ -25,6 +27,12 @@ Metrics (protocol string `common.metrics.PROTOCOL`, written next to every number
 Outputs go to --out (default <run dir>/eval, or <fake dir>_eval): <tag>-metrics.json (metrics, protocol, image
 counts, checkpoint step, sampler options), <tag>-grid.png, <tag>-interp.png, <tag>-mix.png, <tag>-mem.png, where tag
 is the checkpoint's file name without .pt ('fakes' for --fake-dir). User errors print one line and exit 2.
+
+Per-seed images (--save-images DIR --seeds 0-3,7): DIR/seed0007.png is the image of latent sampler.latents(1, 7),
+whatever --batch or the other seeds asked for (samplers whose images depend on their batch companions, insgen's
+noise=random and bn=batch, generate one seed per call). --gif OUT.gif: a loop through --gif-seeds, the same linear
+interpolation as --interp (DISP: of its [z ; prior] latent), --gif-frames per transition, the last seed back to the
+first; one image per frame (Pillow's GIF palette: 256 colours per frame; Pillow merges identical consecutive frames).
 """
 import argparse
 import ast
@@ -72,6 +80,16 @@ def parse_args(argv=None):
     p.add_argument("--interp-rows", type=int, default=6, help="interpolation rows (pairs of latents)")
     p.add_argument("--interp-steps", type=int, default=8, help="images per interpolation row")
     p.add_argument("--mix", action="store_true", help="write a style-mixing grid (samplers with style_mix only)")
+    p.add_argument("--save-images", default=None, metavar="DIR",
+                   help="write one PNG per seed of --seeds to DIR (DIR/seed0042.png), e.g. for --fake-dir or external "
+                        "FID tools; --psi and --sampler-opt apply")
+    p.add_argument("--seeds", default=None,
+                   help="seeds of --save-images: ranges and lists like '0-999' or '0-3,7,10-12' (default 0 to --n - 1)")
+    p.add_argument("--gif", default=None, metavar="OUT.gif",
+                   help="write an animated GIF looping through the latents of --gif-seeds (linear interpolation)")
+    p.add_argument("--gif-seeds", default="0-3", help="seeds visited by --gif, in order ('0-3', '5,2,9'); at least 2")
+    p.add_argument("--gif-frames", type=int, default=24, help="--gif frames per transition (seed to next seed)")
+    p.add_argument("--gif-fps", type=float, default=24.0, help="--gif frames per second")
     p.add_argument("--mem-grid", action="store_true",
                    help="write the closest fakes next to their nearest training images (implies mem)")
     p.add_argument("--out", default=None, help="output folder (default <run dir>/eval or <fake dir>_eval)")
@@ -136,9 +154,76 @@ def generate(sampler, z, batch):
     return torch.cat([sampler.generate(z[i:i + batch]).float().cpu() for i in range(0, len(z), batch)])
 
 
-def interp_latents(z0, z1, steps):
-    """Row r: z0[r] -> z1[r] in `steps` linear steps; rows concatenated (row-major grid)."""
-    t = torch.linspace(0, 1, steps, device=z0.device).view(1, steps, *[1] * (z0.dim() - 1))
+def parse_seeds(text, flag="--seeds"):
+    """'0-3,7,10-12' -> [0, 1, 2, 3, 7, 10, 11, 12] (ranges inclusive, order kept, duplicates dropped)."""
+    seeds = []
+    for part in str(text).split(","):
+        a, sep, b = part.strip().partition("-")
+        try:
+            lo = int(a)
+            hi = int(b) if sep else lo
+        except ValueError:
+            lo = hi = -1
+        if lo < 0 or hi < lo:
+            raise UserError(f"{flag} {text!r}: expected seeds >= 0 as ranges and lists, like 0-999 or 0-3,7,10-12")
+        seeds += range(lo, hi + 1)
+    return list(dict.fromkeys(seeds))
+
+
+def batch_independent(sampler):
+    """Whether sampler.generate gives each latent the image it gets alone, whatever the other latents of the call.
+    A sampler may say so itself (attribute batch_independent); else: not with batch-statistic BatchNorm (bn=batch:
+    fastgan, disp) nor with insgen's noise=random (one noise seed per generate() call, from all its latents)."""
+    said = getattr(sampler, "batch_independent", None)
+    if said is not None:
+        return bool(said)
+    return getattr(sampler, "bn", None) != "batch" and getattr(sampler, "noise", None) != "random"
+
+
+def seed_latents(sampler, seeds):
+    """Row i: the latent of seed seeds[i], sampler.latents(1, seeds[i])."""
+    return torch.cat([sampler.latents(1, s) for s in seeds])
+
+
+def generate_each(sampler, z, batch):
+    """generate() in chunks of `batch`, or one latent per call where the images would depend on the batch."""
+    return generate(sampler, z, batch if batch_independent(sampler) else 1)
+
+
+def save_seed_images(sampler, seeds, folder, batch):
+    """folder/seed%04d.png for every seed: the image of sampler.latents(1, seed). Returns the paths."""
+    from PIL import Image
+    from common.utils import to_uint8
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(0, len(seeds), batch):
+        chunk = seeds[i:i + batch]
+        imgs = to_uint8(generate_each(sampler, seed_latents(sampler, chunk), batch)).permute(0, 2, 3, 1).numpy()
+        for s, im in zip(chunk, imgs):
+            paths.append(os.path.join(folder, f"seed{s:04d}.png"))
+            Image.fromarray(im).save(paths[-1])
+    return paths
+
+
+def save_gif(sampler, seeds, path, frames, fps, batch):
+    """A closed loop seeds[0] -> seeds[1] -> ... -> seeds[0]: `frames` frames per transition (the next seed's own
+    image starts the next transition), interp_latents' linear steps; one image per frame, looping forever."""
+    from PIL import Image
+    from common.utils import to_uint8
+    z = seed_latents(sampler, seeds)
+    zs = interp_latents(z, torch.roll(z, -1, 0), frames, endpoint=False)
+    imgs = to_uint8(generate_each(sampler, zs, batch)).permute(0, 2, 3, 1).numpy()
+    ims = [Image.fromarray(im) for im in imgs]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    ims[0].save(path, save_all=True, append_images=ims[1:], duration=int(round(1000 / fps)), loop=0)
+    return path
+
+
+def interp_latents(z0, z1, steps, endpoint=True):
+    """Row r: z0[r] -> z1[r] in `steps` linear steps; rows concatenated (row-major grid). endpoint=False: the steps
+    stop one short of z1[r] (t = 0, 1/steps, ...), for loops where z1[r] starts the next row."""
+    t = torch.linspace(0, 1, steps if endpoint else steps + 1, device=z0.device)[:steps]
+    t = t.view(1, steps, *[1] * (z0.dim() - 1))
     return ((1 - t) * z0[:, None] + t * z1[:, None]).reshape(-1, *z0.shape[1:])
 
 
@@ -185,12 +270,20 @@ def main(argv=None):
         pr_k = [int(k) for k in str(args.pr_k).split(",")]
     except ValueError:
         raise UserError(f"--pr-k {args.pr_k!r}: expected K or KP,KR (integers)")
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else list(range(args.n))
+    gif_seeds = parse_seeds(args.gif_seeds, "--gif-seeds")
+    if args.gif and (len(gif_seeds) < 2 or args.gif_frames < 1 or not args.gif_fps > 0):
+        raise UserError("--gif needs at least 2 --gif-seeds, --gif-frames >= 1 and --gif-fps > 0")
+    if args.batch < 1:
+        raise UserError(f"--batch {args.batch}: expected at least 1")
     device = pick_device(args.device)
 
     info, ckpt_args, sampler = {}, {}, None
     if args.fake_dir:
         if args.interp or args.mix:
             raise UserError("--interp and --mix need a checkpoint, not --fake-dir")
+        if args.save_images or args.gif:
+            raise UserError("--save-images and --gif need a checkpoint, not --fake-dir")
         paths, fake_res, load_fakes = read_fakes(args.fake_dir)
         n = len(paths) if args.n is None else min(args.n, len(paths))
         tag, out = "fakes", args.out or os.path.normpath(args.fake_dir) + "_eval"
@@ -236,6 +329,12 @@ def main(argv=None):
         save_grid(generate(sampler, zs, args.batch), written[-1], nrow=args.interp_steps)
     if args.mix:  # the same grid as samples/style_mix.png at the end of training
         written.append(save_style_mix(sampler, os.path.join(out, f"{tag}-mix.png"), args.seed, batch=args.batch))
+    if args.save_images:
+        n_img = len(save_seed_images(sampler, seeds, args.save_images, args.batch))
+        print(f"{n_img} images (seeds {args.seeds or f'0-{args.n - 1}'}) in {args.save_images}", flush=True)
+        written.append(args.save_images)
+    if args.gif:
+        written.append(save_gif(sampler, gif_seeds, args.gif, args.gif_frames, args.gif_fps, args.batch))
 
     if metrics:
         from common.data import load_dataset

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -57,6 +58,9 @@ def add_common_args(p, *, res, batch, iters, lr, data="digits", sample_every=100
     g.add_argument("--eval-every", type=int, default=eval_every, help="FID/KID every N iterations (0: off; needs Inception weights)")
     g.add_argument("--eval-n", type=int, default=eval_n, help="generated images per evaluation")
     g.add_argument("--inception", default=None, help="local path of inception-2015-12-05.pt (env GAN_INCEPTION)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also log to TensorBoard under <out>/tb/: every metrics.jsonl value (losses, FID/KID, ADA p, "
+                        "...), it/s and the sample grids (needs `pip install tensorboard`)")
     return g
 
 
@@ -125,7 +129,57 @@ def prepare_run_dir(args, method, is_main=True):
         os.makedirs(os.path.join(args.out, "ckpt"), exist_ok=True)
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
+        if getattr(args, "tensorboard", False):
+            open_tensorboard(os.path.join(args.out, "tb"))
     return args.out
+
+
+# --tensorboard: one writer per process, opened by prepare_run_dir (main process only) and fed by log_metrics,
+# Progress and save_grid, i.e. from the very values metrics.jsonl, the progress line and samples/ get.
+_TB = {"writer": None, "step": 0}
+
+
+def summary_writer_class():
+    """torch.utils.tensorboard.SummaryWriter, imported lazily; without the tensorboard package one UserError line."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard (or run without "
+                        "--tensorboard)")
+    return SummaryWriter
+
+
+def open_tensorboard(logdir, writer=None):
+    """Start logging to TensorBoard in `logdir` (`writer`: an object with add_scalar/add_image/flush/close to use
+    instead of a SummaryWriter). Returns the writer."""
+    import atexit
+    close_tensorboard()
+    _TB["writer"] = writer if writer is not None else summary_writer_class()(log_dir=logdir)
+    _TB["step"] = 0
+    atexit.register(close_tensorboard)
+    return _TB["writer"]
+
+
+def close_tensorboard():
+    w, _TB["writer"] = _TB["writer"], None
+    if w is not None:
+        w.close()
+
+
+def tb_scalars(record, step=None):
+    """Every number of `record` (bools and non-numbers skipped; 'iter'/'step' is the x axis) as a TensorBoard scalar."""
+    w = _TB["writer"]
+    if w is None:
+        return
+    step = record.get("iter", record.get("step", _TB["step"])) if step is None else step
+    _TB["step"] = int(step)
+    for k, v in record.items():
+        if k in ("iter", "step") or isinstance(v, bool):
+            continue
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            w.add_scalar(k, float(v), int(step))
 
 
 def resolve_resume(args):
@@ -158,6 +212,8 @@ def read_resume(args, method, arch=(), defaults=None):
     """--resume, read and checked before any expensive set-up (data, priors, source weights, networks):
     (checkpoint, path) of a readable checkpoint written by `method` with the flags `arch` unchanged (check_flags);
     (None, None) for a fresh start."""
+    if getattr(args, "tensorboard", False):
+        summary_writer_class()  # --tensorboard without the package: fail here, before any slow set-up
     path = resolve_resume(args)
     if not path:
         return None, None
@@ -252,25 +308,50 @@ def check_finite(losses, step, out=None):
 
 class Progress:
     """Prints 'it 120/50000 | 3.41 it/s | ETA 4h03m | loss_d 0.52 loss_g 1.20' every `every` iterations
-    and appends the same numbers as {"iter": it, ...} to <out>/metrics.jsonl when `out` is given."""
+    and appends the same numbers as {"iter": it, ...} to <out>/metrics.jsonl when `out` is given (and it/s to
+    TensorBoard with --tensorboard). On a terminal (`stream`, default sys.stdout, isatty()) the same text is one live
+    line instead, '[#####.....]  42% it ...', rewritten in place with '\r' (every `every` iterations and at most
+    every `refresh` seconds in between) and ended with a newline at the last iteration; plain logs get lines."""
 
-    def __init__(self, total, start=0, every=100, enabled=True, out=None):
+    def __init__(self, total, start=0, every=100, enabled=True, out=None, stream=None, refresh=0.5):
         self.total, self.every, self.enabled, self.out = total, every, enabled, out
         self.t0, self.i0 = time.time(), start
+        self.stream, self.refresh, self._shown, self._width = stream, refresh, 0.0, 0
 
     def rate(self, it):
         return (it - self.i0) / max(time.time() - self.t0, 1e-9)
 
-    def __call__(self, it, **losses):
-        if not self.enabled or (it % self.every and it != self.total):
-            return
-        r = self.rate(it)
+    def line(self, it, r, losses):
         eta = (self.total - it) / max(r, 1e-9)
         h, m = divmod(int(eta) // 60, 60)
         vals = " ".join(f"{k} {float(v):.4g}" for k, v in losses.items())
-        print(f"it {it}/{self.total} | {r:.3g} it/s | ETA {h}h{m:02d}m | {vals}", flush=True)
-        if self.out:
-            log_metrics(self.out, {"iter": it, **{k: float(v) for k, v in losses.items()}})
+        return f"it {it}/{self.total} | {r:.3g} it/s | ETA {h}h{m:02d}m | {vals}"
+
+    def __call__(self, it, **losses):
+        if not self.enabled:
+            return
+        stream = self.stream or sys.stdout
+        due = not (it % self.every and it != self.total)
+        tty = bool(getattr(stream, "isatty", lambda: False)())
+        # on a terminal also between log steps, but at most every `refresh` s (float(loss) may wait for the GPU)
+        if not due and not (tty and time.time() - self._shown >= self.refresh):
+            return
+        r = self.rate(it)
+        text = self.line(it, r, losses)
+        if tty:
+            frac = min(max(it / max(self.total, 1), 0.0), 1.0)
+            text = f"[{'#' * int(frac * 20):.<20}] {frac * 100:3.0f}% {text}"
+            pad = " " * max(self._width - len(text), 0)  # blank what a longer previous bar left
+            self._width = len(text)
+            stream.write("\r" + text + pad + ("\n" if it >= self.total else ""))
+            stream.flush()
+            self._shown = time.time()
+        else:
+            print(text, file=stream, flush=True)
+        if due:
+            tb_scalars({"it_per_s": r}, it)
+            if self.out:
+                log_metrics(self.out, {"iter": it, **{k: float(v) for k, v in losses.items()}})
 
 
 class StopOnInterrupt:
@@ -322,9 +403,10 @@ class SetupInterrupt:
 
 
 def log_metrics(out, record):
-    """Append one JSON line to <out>/metrics.jsonl."""
+    """Append one JSON line to <out>/metrics.jsonl (and its numbers to TensorBoard with --tensorboard)."""
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+    tb_scalars(record)
 
 
 def to_uint8(x):
@@ -341,6 +423,11 @@ def save_grid(images, path, nrow=None):
     tmp = path + ".tmp.png"
     vutils.save_image(grid, tmp)
     os.replace(tmp, path)
+    if _TB["writer"] is not None:  # --tensorboard: samples/<step>.png as image 'samples', others by their name
+        stem = os.path.splitext(os.path.basename(path))[0]
+        m = re.fullmatch(r"(.*?)_?(\d+)", stem)  # 000100 -> ('samples', 100); mix_000100 -> ('mix', 100)
+        tag, step = ((m.group(1) or "samples"), int(m.group(2))) if m else (stem, _TB["step"])
+        _TB["writer"].add_image(tag, grid, step)
 
 
 @torch.no_grad()
