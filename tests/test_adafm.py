@@ -389,18 +389,14 @@ def test_benchmark_flag_prints_seconds_per_iteration():
     assert "benchmark --mode transfergan:" in r.stdout and "s/iteration (batch 4, 32 px, nf 4, cpu" in r.stdout
 
 
-def test_flags_and_resume_are_checked_before_the_data_is_read(tmp_path, monkeypatch, capsys):
+def test_flags_and_resume_are_checked_before_the_data_is_read(tmp_path, monkeypatch, one_line_error):
     """`--res 4096 --data digits` used to decode 28 GiB of digits and die with a MemoryError traceback: every flag
     (and a --resume checkpoint, a --source path) is checked before load_dataset, with one 'error:' line, exit 2."""
     def no_data(*a, **k):
         raise AssertionError("load_dataset was called before the flags were checked")
 
     def error(argv):
-        with pytest.raises(SystemExit) as e:
-            adafm.main(argv)
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-        return err
+        return one_line_error(adafm.main, argv)
 
     monkeypatch.setattr(adafm, "load_dataset", no_data)
     out = tmp_path / "run"

@@ -425,7 +425,7 @@ def test_bn_sampling_modes(run3):
 
 
 # ----------------------------------------------------------------------------- early checks and interruptions
-def test_resume_is_checked_before_data_and_priors(tmp_path, monkeypatch, capsys):
+def test_resume_is_checked_before_data_and_priors(tmp_path, monkeypatch, one_line_error):
     """--resume: an unreadable last.pt, another method's checkpoint, other architecture flags or other prior
     settings fail with one line before the data is read and the priors are extracted (minutes)."""
     def never(*a, **k):
@@ -435,11 +435,7 @@ def test_resume_is_checked_before_data_and_priors(tmp_path, monkeypatch, capsys)
         monkeypatch.setattr(disp, name, never)
 
     def error(argv):
-        with pytest.raises(SystemExit) as e:
-            disp.main(argv)
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-        return err
+        return one_line_error(disp.main, argv)
 
     out = tmp_path / "run"
     last = out / "ckpt" / "last.pt"

@@ -548,17 +548,13 @@ def test_bad_input_one_clear_error(tmp_path, flags, msg):
     assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], p.stderr
 
 
-def test_resume_is_checked_before_the_data_is_read(tmp_path, monkeypatch, capsys):
+def test_resume_is_checked_before_the_data_is_read(tmp_path, monkeypatch, one_line_error):
     """--resume: an unreadable last.pt, another method's checkpoint or other architecture flags (an older checkpoint
     without the ablation flags is the full model) fail with one line before any data is read or network built."""
     monkeypatch.setattr(fg, "load_dataset", lambda *a, **k: pytest.fail("data read before the checkpoint was checked"))
 
     def error(argv):
-        with pytest.raises(SystemExit) as e:
-            fg.main(argv)
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-        return err
+        return one_line_error(fg.main, argv)
 
     out = tmp_path / "run"
     last = out / "ckpt" / "last.pt"
