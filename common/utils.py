@@ -178,7 +178,7 @@ def tb_scalars(record, step=None):
             continue
         if isinstance(v, torch.Tensor) and v.numel() == 1:
             v = v.item()
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if isinstance(v, (int, float)):  # bools were skipped above
             w.add_scalar(k, float(v), int(step))
 
 
