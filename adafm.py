@@ -68,6 +68,9 @@ Deviations / choices (all visible in the code):
   Cars / Cathedral, appendix A), so the absolute numbers are not comparable.
 - DDP: the G loss calls the unwrapped D and the d_first D step the unwrapped G (no-grad), and G's DDP wrapper is rebuilt
   when AdaFM switches on, so requires_grad toggling is safe; --amp is bf16 autocast; channels_last on CUDA.
+- CUDA speed: fused Adam (CUDA only; the CPU keeps the for-each Adam), cuDNN autotuner, the in-memory images kept on
+  the GPU, pinned non-blocking copies, host syncs only at --log-every steps (common/); --compile (torch.compile)
+  takes G only: R1 differentiates D twice, which torch.compile's autograd does not support. Not yet measured on a GPU.
 - The generator has no buffers (no BatchNorm), so its EMA is an average of the parameters only.
 
 Run (from the repo root):
@@ -98,7 +101,8 @@ from common.data import batch_indices, infinite_batches, list_images, load_datas
 from common.ema import ema_update, make_ema
 from common.metrics import training_evaluator
 from common.utils import (Dist, Progress, SamplerBase, SetupInterrupt, StopOnInterrupt, UserError, add_common_args,
-                          autocast, check_finite, check_flags, check_method, count_params, latent_seeds,
+                          autocast, check_finite, check_flags, check_method, check_noise_mode, compiled, count_params,
+                          latent_seeds,
                           load_checkpoint, log_metrics, per_sample_noise, prepare_run_dir, read_resume, resume,
                           rng_state, save_checkpoint, save_grid, save_style_mix, seed_everything, time_steps,
                           user_errors)
@@ -590,8 +594,9 @@ def build_target(args, device, source=True, out=None):
         opt_G = torch.optim.RMSprop(G_tr, lr=args.lr, alpha=0.99, eps=1e-8)
         opt_D = torch.optim.RMSprop(D_tr, lr=args.lr, alpha=0.99, eps=1e-8)
     else:
-        opt_G = torch.optim.Adam(G_tr + G_ada, lr=args.lr, betas=(0.0, 0.99), eps=1e-8)
-        opt_D = torch.optim.Adam(D_tr, lr=args.lr, betas=(0.0, 0.99), eps=1e-8)
+        fused = device.type == "cuda"  # one kernel per step on CUDA (CPU keeps the for-each Adam)
+        opt_G = torch.optim.Adam(G_tr + G_ada, lr=args.lr, betas=(0.0, 0.99), eps=1e-8, fused=fused)
+        opt_D = torch.optim.Adam(D_tr, lr=args.lr, betas=(0.0, 0.99), eps=1e-8, fused=fused)
     return G, D, opt_G, opt_D, G_ada, D_tr
 
 
@@ -617,9 +622,10 @@ def bench(args):
     requires_grad(G_ada, True)
     G_ema = make_ema(G)
     x = torch.rand(batch, 3, args.res, args.res, device=device) * 2 - 1
+    G_run = compiled(G, args.compile)
 
     def step():
-        train_step(args, (G, D, G, D, D_tr), (opt_G, opt_D, device), x, None)
+        train_step(args, (G, D, G_run, D, D_tr), (opt_G, opt_D, device), x, None)
         ema_update(G_ema, G, ema_beta(args, 0))
 
     dt = sum(time_steps(step, args.bench, device)[1:]) / args.bench
@@ -660,6 +666,7 @@ def run(args, setup=None):
     start, best = resume(ck, path, saved, dist, args) if ck else (0, float("inf"))
     requires_grad(G_ada, start >= args.adafm_start)  # method: AdaFM/FS trains from --adafm-start (before the wrap)
     G_run, D_run = dist.wrap(G, broadcast_buffers=False), dist.wrap(D, broadcast_buffers=False)  # method
+    G_run = compiled(G_run, args.compile)  # method: --compile: G only (R1 needs D's double backward)
 
     def state(step, **extra):  # the checkpoint: `saved`, the RNGs, the best FID (resume() loads the same entries)
         return {"method": METHOD, "args": vars(args), "step": step, "rng": rng_state(), "best_fid": best,
@@ -681,7 +688,7 @@ def run(args, setup=None):
             step, last = it + 1, it + 1 == args.iters
             if G_ada and it == args.adafm_start:  # method: AdaFM/FS joins the G step; G's DDP wrapper is rebuilt
                 requires_grad(G_ada, True)
-                G_run = dist.wrap(G, broadcast_buffers=False)
+                G_run = compiled(dist.wrap(G, broadcast_buffers=False), args.compile)
                 if dist.is_main:
                     print(f"AdaFM/FS parameters switched on at iteration {it}", flush=True)
             real = next(batches)
@@ -729,26 +736,39 @@ def run(args, setup=None):
 # -------------------------------------------------------------------------------------- sampling (eval.py contract)
 class Sampler(SamplerBase):
     """EMA generator. Each sample's noise maps (and, for a conditional source, its class) are a function of its own
-    latent (common.utils.per_sample_noise / latent_seeds): deterministic, distinct per sample, batch-independent."""
+    latent (common.utils.per_sample_noise / latent_seeds): deterministic, distinct per sample, batch-independent.
+    noise=const (sampler option): one fixed map per noise layer, shared by all samples (common.utils.FixedNoise;
+    what eval.py --export bakes in)."""
+    export_opts = {"noise": "const"}
+    batch_independent = True
 
-    def __init__(self, G, res, device, mix_block=1):
+    def __init__(self, G, res, device, mix_block=1, noise="random"):
         self.G, self.res, self.device, self.mix_block = G.eval(), res, torch.device(device), mix_block
+        self.noise = check_noise_mode(noise)
+
+    def latent_doc(self):
+        return f"z [n, {self.G.z_dim}] ~ N(0, I) (float32)"
+
+    def export_check(self):
+        if self.G.nlabels:
+            raise UserError("this is a class-conditional adafm source (its class is a hash of the latent): --export "
+                            "supports unconditional generators (the adapted targets)")
 
     def latents(self, n, seed):
         return torch.randn(n, self.G.z_dim, generator=torch.Generator().manual_seed(seed)).to(self.device)
 
-    @torch.no_grad()
+    @SamplerBase.sampler_grad
     def _run(self, z, styles=None):
         y = None
         if self.G.nlabels:
             y = torch.tensor(latent_seeds(z), device=self.device) % self.G.nlabels
-        with per_sample_noise(self.G, z, Noise):
+        with per_sample_noise(self.G, z, Noise, self.noise):
             return self.G(z, y, styles).float()
 
     def generate(self, latents):
         return self._run(latents)
 
-    @torch.no_grad()
+    @SamplerBase.sampler_grad
     def style_mix(self, lat_a, lat_b, block=None):
         """Paper Fig. 12: z (fc) and styles of blocks < block from a; styles of blocks >= block from b."""
         if self.G.head != "style":
@@ -758,13 +778,14 @@ class Sampler(SamplerBase):
         return self._run(lat_a, [wa if i < block else wb for i in range(2)])
 
 
-def load_for_sampling(ckpt, device, mix_block=None):
-    """The EMA generator of an adafm.py checkpoint; mix_block overrides --mix-block (eval.py --sampler-opt)."""
+def load_for_sampling(ckpt, device, mix_block=None, noise="random"):
+    """The EMA generator of an adafm.py checkpoint; mix_block overrides --mix-block, noise=const picks fixed noise
+    maps (eval.py --sampler-opt; see Sampler)."""
     check_method(ckpt, METHOD)
     a = argparse.Namespace(**ckpt["args"])
     G = build(a)[0]
     G.load_state_dict(ckpt["G_ema"])
-    return Sampler(G.to(device), a.res, device, a.mix_block if mix_block is None else int(mix_block))
+    return Sampler(G.to(device), a.res, device, a.mix_block if mix_block is None else int(mix_block), noise)
 
 
 if __name__ == "__main__":

@@ -724,7 +724,9 @@ def run(args, setup=None):
 # -------------------------------------------------------------------------------------- sampling (eval.py contract)
 class Sampler(SamplerBase):
     """eval.py contract. latents = [z ; prior] ([n, z_dim + prior_dim]); the prior part is drawn by `prior_mode`
-    (settable attribute): mixup (default) | gmm | train | image (needs prior_from)."""
+    (settable attribute): mixup (default) | gmm | train | image (needs prior_from). eval.py --project optimises the
+    whole [z ; prior] latent."""
+    proj_space = "[z ; prior]"
 
     def __init__(self, G, priors, a, device, prior_mode="mixup", prior_from=None, gmm_k=1000, gmm_space="prior",
                  gmm_max=200000, prior_weights=None, psi=None, bn="copy"):
@@ -773,13 +775,23 @@ class Sampler(SamplerBase):
             z = torch.nn.init.trunc_normal_(z, 0.0, 1.0, -self.psi, self.psi, generator=gen)
         return torch.cat([z, self.sample_priors(n, gen)], 1).to(self.device)
 
-    @torch.no_grad()
+    def latent_doc(self):
+        d, pd = self.a.z_dim, self.priors.shape[1]
+        return (f"[z ; prior] [n, {d} + {pd}]: z [n, {d}] ~ N(0, I)" + (f" truncated to [-{self.psi}, {self.psi}]"
+                if self.psi else "") + f"; prior [n, {pd}]: an image's {self.a.prior} feature, drawn by prior_mode="
+                f"{self.prior_mode} (mixup: t * priors[i] + (1 - t) * priors[j], i, j uniform, t ~ U[0, 1]; priors: "
+                f"one row per training image, the export's `priors` buffer [{len(self.priors)}, {pd}])")
+
+    def export_extras(self):
+        return {"priors": self.priors}
+
+    @SamplerBase.sampler_grad
     def generate(self, latents):
         z, p = latents[:, :self.a.z_dim], latents[:, self.a.z_dim:]
         with batch_stat_bn(self.G, self.bn == "batch"):
             return self.G(z.to(self.device), p.to(self.device)).float()
 
-    @torch.no_grad()
+    @SamplerBase.sampler_grad
     def style_mix(self, lat_a, lat_b):
         """Coarse blocks (first half) conditioned on a's [G_emb(prior) ; z_k], the finer ones on b's."""
         d = self.a.z_dim

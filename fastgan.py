@@ -40,7 +40,9 @@ Deviations (from the authors' code unless said)
   stride-2 transposed conv with a 4x4 kernel derived from the 3x3 one (2.25x fewer FLOPs, equal up to float rounding;
   inputs >= 8x8); the G step runs D without D weight gradients (the authors compute and discard them); the
   spectral-norm sigma reuses the power iteration's W v; channels-last with a format-preserving GLU backward; fused Adam.
-  Seconds per iteration (--bench) against the authors' code: README, Results.
+  Seconds per iteration (--bench) against the authors' code: README, Results. On CUDA also (common/): cuDNN autotuner,
+  the in-memory images kept on the GPU, pinned non-blocking copies, host syncs only at --log-every steps; --compile
+  (torch.compile) takes G and D (no double backward in FastGAN's losses). Not yet measured on a GPU.
 - EMA warm-up: decay min(0.999, (1+t)/(10+t)) at iteration t (TensorFlow's num_updates rule), the authors' 0.999
   from t = 8,990 on; without it short runs sample mostly the random init (0.999^300 = 74 % of it at t = 300).
   --no-ema-warmup restores the authors' schedule.
@@ -90,7 +92,8 @@ from common.diffaug import check_policy, diff_augment
 from common.ema import ema_update, make_ema
 from common.metrics import training_evaluator
 from common.utils import (BN_MODES, Dist, Progress, SamplerBase, SetupInterrupt, StopOnInterrupt, UserError,
-                          add_common_args, autocast, batch_stat_bn, check_bn_mode, check_finite, count_params,
+                          add_common_args, autocast, batch_stat_bn, check_bn_mode, check_finite,
+                          check_noise_mode, compiled, count_params,
                           log_metrics, per_sample_noise, prepare_run_dir, read_resume, recompute_bn_stats, resume,
                           rng_state, save_checkpoint, save_grid, save_style_mix, seed_everything, time_steps,
                           user_errors)
@@ -434,7 +437,7 @@ class _GLUFn(torch.autograd.Function):
 
 class GLU(nn.Module):  # first half * sigmoid(second half), over channels
     def forward(self, x):
-        return _GLUFn.apply(x)
+        return F.glu(x, 1) if torch.jit.is_tracing() else _GLUFn.apply(x)  # eval.py --export: no Python op
 
 
 # ---------------------------------------------------------------------- --recon lpips: the authors' reconstruction
@@ -585,8 +588,10 @@ def bench(args):
     real = torch.rand(args.batch, 3, args.res, args.res, device=device) * 2 - 1
     real = real.contiguous(memory_format=torch.channels_last) if cl else real
 
+    G_run, D_run = compiled(G, args.compile), compiled(D, args.compile)
+
     def step():
-        losses = train_step(G, D, opt_G, opt_D, real, args, device, percept)
+        losses = train_step(G_run, D_run, opt_G, opt_D, real, args, device, percept, D)
         ema_update(G_ema, G, args.ema)
         float(losses["loss_d"])
 
@@ -625,6 +630,7 @@ def run(args, setup=None):
     if changed and dist.is_main:  # method
         print(f"warning: resuming with changed training flags: {'; '.join(changed)}", flush=True)
     G_run, D_run = dist.wrap(G), dist.wrap(D, find_unused_parameters=True)  # method: D (no quadrant decoder)
+    G_run, D_run = compiled(G_run, args.compile), compiled(D_run, args.compile)  # method: no double backward here
 
     def state(step, **extra):  # the checkpoint: `saved`, the RNGs, the best FID (resume() loads the same entries)
         return {"method": METHOD, "args": vars(args), "step": step, "rng": rng_state(), "best_fid": best,
@@ -698,29 +704,38 @@ class Sampler(SamplerBase):
     BatchNorm (`bn`): copy = eval mode with the running statistics in G (copied from the live G during training);
     batch = batch statistics of each generate() call, as the authors sample (train-mode BN), running buffers untouched;
     recompute = eval mode with running statistics recomputed for this generator on BN_N latents
-    (common.utils.recompute_bn_stats)."""
+    (common.utils.recompute_bn_stats). noise=const (sampler option): one fixed map per noise layer, shared by
+    all samples (common.utils.FixedNoise; what eval.py --export bakes in)."""
+    export_opts = {"noise": "const"}
 
-    def __init__(self, G, nz, device, bn="copy"):
+    def __init__(self, G, nz, device, bn="copy", noise="random"):
         self.G, self.nz, self.device, self.res = G.eval(), nz, torch.device(device), G.res
-        self.bn = check_bn_mode(bn)
+        self.bn, self.noise = check_bn_mode(bn), check_noise_mode(noise)
         if bn == "recompute":
             recompute_bn_stats(G, self.latents(BN_N, BN_SEED), self._forward_with_noise, BN_CHUNK)
 
+    @property
+    def batch_independent(self):  # per-sample noise: only batch-statistic BN ties images to their batch
+        return self.bn != "batch"
+
+    def latent_doc(self):
+        return f"z [n, {self.nz}] ~ N(0, I) (float32)"
+
     def _forward_with_noise(self, z):
-        with per_sample_noise(self.G, z, NoiseInjection):
+        with per_sample_noise(self.G, z, NoiseInjection, self.noise):
             return self.G(z)
 
     def latents(self, n, seed):
         return torch.randn(n, self.nz, generator=torch.Generator().manual_seed(int(seed))).to(self.device)
 
-    @torch.no_grad()
+    @SamplerBase.sampler_grad
     def _run(self, z, z_style=None):
         with batch_stat_bn(self.G, self.bn == "batch"):
             style = None
             if z_style is not None:
-                with per_sample_noise(self.G, z_style, NoiseInjection):  # the style pass draws z_style's noise
+                with per_sample_noise(self.G, z_style, NoiseInjection, self.noise):  # the style pass: z_style's noise
                     style = self.G.style_features(z_style)
-            with per_sample_noise(self.G, z, NoiseInjection):
+            with per_sample_noise(self.G, z, NoiseInjection, self.noise):
                 return self.G(z, style=style)[0].float()
 
     def generate(self, latents):
@@ -739,14 +754,14 @@ def arch_args(a):
     return {k: a.get(k, OLD_ARCH.get(k)) for k in ARCH_FLAGS}
 
 
-def load_for_sampling(ckpt, device, bn=None):
+def load_for_sampling(ckpt, device, bn=None, noise="random"):
     """Sampler for ckpt["G_ema"]. bn (eval.py --sampler-opt bn=...): recompute (default: the run's --sample-bn, else
-    recompute), batch or copy; see Sampler."""
+    recompute), batch or copy; noise: random (per sample) or const (fixed maps); see Sampler."""
     a = arch_args(ckpt["args"])
     bn = check_bn_mode(bn or ckpt["args"].get("sample_bn") or "recompute")
     G = Generator(a["res"], a["ngf"], a["nz"], sle=not a["no_sle"]).to(device)
     G.load_state_dict(ckpt["G_ema"])
-    return Sampler(G, a["nz"], device, bn)
+    return Sampler(G, a["nz"], device, bn, noise)
 
 
 if __name__ == "__main__":

@@ -1073,7 +1073,10 @@ def run(args, setup=None):
 class Sampler(SamplerBase):
     """noise 'random' (default; what NVIDIA's metrics use): per-pixel noise drawn fresh per image, seeded by the latents
     so the same latents give the same images; 'const': the learned constant noise maps (training grids, smooth
-    interpolations: eval.py --sampler-opt noise=const)."""
+    interpolations: eval.py --sampler-opt noise=const; what eval.py --export bakes in). eval.py --project optimises
+    W: one w [n, 512] per image, broadcast to every layer (proj_init / proj_generate)."""
+    export_opts = {"noise": "const"}
+    proj_space = "W"
 
     def __init__(self, G, device, psi=1.0, noise="random"):
         if noise not in ("random", "const"):
@@ -1087,17 +1090,32 @@ class Sampler(SamplerBase):
         """G.synthesis(ws) with this sampler's noise; random noise is seeded by `latents` (reproducible)."""
         if self.noise == "const":
             return self.G.synthesis(ws, "const").float().clamp(-1, 1)
-        seed = int(torch.as_tensor(latents.float().cpu().numpy().view(np.int32)).sum()) & 0x7FFFFFFF
+        seed = int(torch.as_tensor(latents.detach().float().cpu().numpy().view(np.int32)).sum()) & 0x7FFFFFFF
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
             return self.G.synthesis(ws, "random").float().clamp(-1, 1)
 
-    @torch.no_grad()
+    def latent_doc(self):
+        return (f"z [n, {Z_DIM}] ~ N(0, I) (float32); the mapping network (which normalises z) and truncation psi="
+                f"{self.psi} are inside")
+
+    @SamplerBase.sampler_grad
     def generate(self, latents):
         latents = latents.to(self.device)
         return self._synth(self.G.mapping(latents, self.psi), latents)
 
     @torch.no_grad()
+    def proj_init(self, latents):
+        """W: the (truncated) mapping output of the latents, one w [n, 512] per image."""
+        return self.G.mapping(latents.to(self.device), self.psi)[:, 0].clone()
+
+    @SamplerBase.sampler_grad
+    def proj_generate(self, w):
+        """Images of w [n, 512] broadcast to every layer; random noise is seeded by a constant (fixed while w moves)."""
+        ws = w.unsqueeze(1).repeat(1, self.G.synthesis.num_ws, 1)
+        return self._synth(ws, torch.zeros(1))
+
+    @SamplerBase.sampler_grad
     def style_mix(self, lat_a, lat_b, coarse=4):
         """Coarse styles (4x4 and 8x8 layers: the first 4 ws) from lat_a, the rest from lat_b (StyleGAN Fig. 3);
         the noise is lat_a's (random) or the constant maps."""

@@ -21,6 +21,7 @@ from common.utils import UserError
 
 IMG_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 IN_MEMORY_BYTES = 4 * 1024**3
+GPU_RESIDENT_BYTES = 2 * 1024**3  # an in-memory uint8 set up to this size is kept on the GPU (CUDA runs)
 FEW_SHOT = {  # name -> image count in the FastGAN authors' few-shot-image-datasets zip
     "100-shot-obama": 100, "100-shot-grumpy_cat": 100, "100-shot-panda": 100, "AnimalFace-cat": 160,
     "AnimalFace-dog": 389, "pokemon": 833, "art-painting": 1000, "anime-face": 120, "skulls": 97, "shells": 64,
@@ -171,11 +172,19 @@ def batch_indices(n, batch, seed, step, rank=0, world=1):
     return torch.cat(idx)
 
 
+def to_device(t, device):
+    """A CPU tensor onto `device` without a host sync on CUDA (pinned staging from torch's caching host allocator,
+    non_blocking copy); `t` itself elsewhere."""
+    if torch.device(device).type != "cuda" or t.is_cuda:
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
 def to_float(x_uint8, device, flip_gen=None):
     """uint8 [B,3,H,W] -> float [-1,1] on device; random horizontal flip per sample when flip_gen is given."""
-    x = x_uint8.to(device, non_blocking=True).float() / 127.5 - 1.0
+    x = to_device(x_uint8, device).float() / 127.5 - 1.0
     if flip_gen is not None:
-        m = (torch.rand(x.shape[0], generator=flip_gen) < 0.5).to(device)
+        m = to_device(torch.rand(x.shape[0], generator=flip_gen) < 0.5, device)
         x = torch.where(m[:, None, None, None], x.flip(3), x)
     return x
 
@@ -200,8 +209,12 @@ def infinite_batches(ds, batch, seed=0, start_step=0, flip=True, rank=0, world=1
         return torch.Generator().manual_seed(seed * 7_919 + i * 104_729 + rank) if flip else None
 
     if ds.images is not None:
+        images = ds.images
+        if torch.device(device).type == "cuda" and images.nbytes <= GPU_RESIDENT_BYTES:
+            images = images.to(device)  # uint8 on the GPU once: batches are gathered there, no copy per iteration
         while True:
-            yield to_float(ds.images[batch_indices(len(ds), batch, seed, step, rank, world)], device, flip_gen(step))
+            idx = to_device(batch_indices(len(ds), batch, seed, step, rank, world), images.device)
+            yield to_float(images[idx], device, flip_gen(step))
             step += 1
     loader = torch.utils.data.DataLoader(ds.files, batch_sampler=_BatchSampler(len(ds), batch, seed, start_step, rank, world),
                                          num_workers=workers, pin_memory=str(device).startswith("cuda"),

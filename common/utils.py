@@ -1,6 +1,7 @@
 """Run plumbing shared by every method script: flags, errors, seeding, devices, DDP, run directories,
 checkpoints and resume, progress lines, interrupts, image grids (samples, style mixing) and --bench timing.
 Nothing here knows about any GAN."""
+import functools
 import hashlib
 import json
 import math
@@ -51,6 +52,9 @@ def add_common_args(p, *, res, batch, iters, lr, data="digits", sample_every=100
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--resume", default=None, help="'auto' (continue <out>/ckpt/last.pt if it exists) or a checkpoint path")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA and CPU)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the networks whose training needs no double backward (R1 / path length do; "
+                        "the script's docstring says which); slow first iterations")
     g.add_argument("--workers", type=int, default=2, help="data-loading workers for large (streamed) datasets")
     g.add_argument("--log-every", type=int, default=log_every, help="print a progress line every N iterations")
     g.add_argument("--sample-every", type=int, default=sample_every, help="write samples/<step>.png every N iterations")
@@ -81,16 +85,20 @@ def pick_device(name="auto", local_rank=0):
 
 
 class Dist:
-    """Process-group facts. Under `torchrun` (WORLD_SIZE > 1) this initialises torch.distributed (NCCL on CUDA, gloo on CPU)."""
+    """Process-group facts. Under `torchrun` (any --nproc_per_node, 1 included: the NCCL path can be checked on one GPU)
+    this initialises torch.distributed (NCCL on CUDA, gloo on CPU) and `wrap` returns DDP modules. On CUDA it also
+    turns on cuDNN's autotuner (fixed shapes in every training loop here)."""
 
     def __init__(self, device_arg="auto"):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = pick_device(device_arg, self.local_rank)
-        if self.world > 1 and not dist.is_initialized():
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
+        self.ddp = self.world > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # set by torchrun
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True
+        if self.ddp and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.is_main = self.rank == 0
 
@@ -100,18 +108,18 @@ class Dist:
         return batch // self.world
 
     def barrier(self):
-        if self.world > 1:
+        if self.ddp:
             dist.barrier()
 
     def wrap(self, model, **kw):
         """`model` itself in one process; under torchrun DistributedDataParallel(model, **kw) on this rank's device."""
-        if self.world == 1:
+        if not self.ddp:
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None, **kw)
 
     def close(self):
-        if self.world > 1 and dist.is_initialized():
+        if self.ddp and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -461,6 +469,16 @@ def time_steps(step, n, device):
     return times
 
 
+def compiled(model, on):
+    """--compile: torch.compile(model) for the training passes; checkpoints keep saving the plain module. Layers that
+    share one forward() at many shapes recompile it per shape: the limit is raised from 8 so none falls back to eager."""
+    if not on:
+        return model
+    import torch._dynamo
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(model)
+
+
 def autocast(device, enabled):
     """bf16 autocast on CUDA and CPU when --amp is set."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -493,14 +511,44 @@ class PerSampleNoise:
         return maps.to(device=x.device, dtype=x.dtype)
 
 
+@functools.lru_cache(maxsize=512)
+def _fixed_map(seed, h, w):
+    # numpy, not torch.randn: under torch.jit.trace the map must be a constant, not a recorded (re-drawn) randn
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal((1, 1, h, w), dtype=np.float32))
+
+
+class FixedNoise:
+    """Sampler option noise=const for generators with per-sample noise: `noise(x)` is one N(0, 1) map [1, 1, H, W]
+    (broadcast over the batch) drawn from `seed` (numpy PCG64), the same for every sample and every call.
+    Deterministic, batch-independent and traceable (eval.py --export bakes it in)."""
+
+    def __init__(self, seed):
+        self.seed = int(seed)
+
+    def __call__(self, x):
+        return _fixed_map(self.seed, int(x.shape[2]), int(x.shape[3])).to(x)  # x's device and dtype
+
+
+NOISE_MODES = ("random", "const")  # sampler option noise=... of the per-sample-noise generators (fastgan, adafm)
+CONST_NOISE_SEED = 2 ** 21  # noise=const: layer i (in G.modules() order) draws its map from seed CONST_NOISE_SEED + i
+
+
+def check_noise_mode(mode):
+    """random: per-sample noise seeded by each latent (PerSampleNoise); const: fixed maps (FixedNoise)."""
+    if mode not in NOISE_MODES:
+        raise UserError(f"sampler option noise={mode!r}: use random or const")
+    return mode
+
+
 @contextmanager
-def per_sample_noise(G, latents, noise_cls):
+def per_sample_noise(G, latents, noise_cls, mode="random"):
     """Inside the block every `noise_cls` module of G (which draws `self.noise_source(x)` when it is set, else
-    torch.randn) takes its noise from PerSampleNoise(latent_seeds(latents))."""
+    torch.randn) takes its noise from PerSampleNoise(latent_seeds(latents)) (mode 'random'), or, mode 'const', from
+    its own FixedNoise(CONST_NOISE_SEED + layer index)."""
     mods = [m for m in G.modules() if isinstance(m, noise_cls)]
-    src = PerSampleNoise(latent_seeds(latents))
-    for m in mods:
-        m.noise_source = src
+    src = PerSampleNoise(latent_seeds(latents)) if mode == "random" else None
+    for i, m in enumerate(mods):
+        m.noise_source = src or FixedNoise(CONST_NOISE_SEED + i)
     try:
         yield
     finally:
@@ -568,11 +616,27 @@ def recompute_bn_stats(G, z, forward, chunk=64):
     return G.eval()
 
 
+def sampler_grad(fn):
+    """Decorator of a Sampler's generate-like methods: no autograd graph, as @torch.no_grad(), except inside
+    `with sampler.differentiable():` (eval.py --project), where gradients reach the latents."""
+    @functools.wraps(fn)
+    def wrapped(self, *args, **kwargs):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and getattr(self, "_grad", False)):
+            return fn(self, *args, **kwargs)
+    return wrapped
+
+
 class SamplerBase:
     """The contract eval.py relies on. Each method script defines `load_for_sampling(ckpt, device) -> Sampler`
-    where Sampler subclasses this and implements `latents` and `generate` (EMA generator, eval mode, no grad).
-    Optional: `style_mix(lat_a, lat_b) -> images` (coarse structure from a, the rest from b)."""
+    where Sampler subclasses this and implements `latents` and `generate` (EMA generator, eval mode, no grad:
+    decorate them with @SamplerBase.sampler_grad: @torch.no_grad() outside `differentiable()`).
+    Optional: `style_mix(lat_a, lat_b) -> images` (coarse structure from a, the rest from b); `latent_doc()`;
+    `export_opts` and `export_check()` (eval.py --export); `proj_init` / `proj_generate` (eval.py --project)."""
     res = None
+    sampler_grad = staticmethod(sampler_grad)  # @SamplerBase.sampler_grad in a method's Sampler class body
+    export_opts = {}  # sampler options eval.py --export and --project apply (a deterministic mode, e.g. noise=const)
+    proj_space = "z"  # what eval.py --project optimises (proj_init's kind), for its outputs
+    _grad = False
 
     def latents(self, n, seed):
         """[n, d] latent codes on the device, a deterministic function of `seed`."""
@@ -581,6 +645,36 @@ class SamplerBase:
     def generate(self, latents):
         """Images in [-1, 1], [n, 3, res, res], for the given latents."""
         raise NotImplementedError
+
+    def latent_doc(self):
+        """What generate() expects (shape, distribution): eval.py --export saves it in the export."""
+        z = self.latents(1, 0)
+        return f"latents [n, {', '.join(map(str, z.shape[1:]))}] as Sampler.latents draws them"
+
+    def export_check(self):
+        """Raise UserError (one line) when this sampler's generate() cannot be exported as a function of its latents."""
+
+    def export_extras(self):
+        """{name: tensor} stored in the export next to the generator (e.g. DISP's training priors)."""
+        return {}
+
+    @contextmanager
+    def differentiable(self):
+        """Inside the block generate() and proj_generate() build autograd graphs (eval.py --project)."""
+        self._grad = True
+        try:
+            yield self
+        finally:
+            self._grad = False
+
+    def proj_init(self, latents):
+        """The variable eval.py --project optimises, for these latents: the latents themselves (z; DISP [z ; prior])
+        unless a method says otherwise (InsGen: W)."""
+        return latents.detach().clone()
+
+    def proj_generate(self, v):
+        """Images from a projection variable (proj_init's kind), differentiable in v inside differentiable()."""
+        return self.generate(v)
 
     @torch.no_grad()
     def sample(self, n, seed=0, batch=32):
