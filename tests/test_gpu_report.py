@@ -1,0 +1,19 @@
+"""tests/gpu_report.py (the GPU speed report) runs end to end at toy sizes on the CPU and writes its table."""
+import json
+import math
+
+from tests import gpu_report
+
+
+def test_quick_report_writes_one_row_per_variant(tmp_path):
+    rows = gpu_report.main(["--out", str(tmp_path), "--quick", "--only", "fastgan,disp", "--device", "cpu"])
+    # fastgan: fp32/amp x channels-last on/off; disp: fp32/amp
+    assert [(r["method"], r["precision"], r["channels_last"]) for r in rows] == [
+        ("fastgan", "fp32", "on"), ("fastgan", "fp32", "off"), ("fastgan", "amp", "on"), ("fastgan", "amp", "off"),
+        ("disp", "fp32", None), ("disp", "amp", None)]
+    assert all(math.isfinite(r["s_per_iter"]) and r["s_per_iter"] > 0 for r in rows), rows
+    assert all(abs(r["s_per_kimg"] - r["s_per_iter"] * 1000 / r["batch"]) < 1e-9 for r in rows)
+    saved = json.loads((tmp_path / "gpu_report.json").read_text())
+    assert saved["environment"]["torch"] and len(saved["rows"]) == 6
+    md = (tmp_path / "gpu_report.md").read_text()
+    assert md.count("\n| fastgan 32 px") == 4 and md.count("\n| disp 32 px") == 2
