@@ -15,7 +15,14 @@ large source domain (ImageNet VGG16 fc7, ResNet50, or SimCLR ResNet50):
   finished rows in priors.pt.partial; rerunning the same command continues from them). --prior none is the paper's
   baseline: one learned embedding per training image (one-hot "priors" through the same G_emb / D_emb matrices).
 - Options the paper combines with DISP: DiffAugment (--diffaug) + consistency regularisation (--cr), FreezeD
-  (--freeze-d N), TransferGAN-style initialisation from a GAN checkpoint (--init-from).
+  (--freeze-d N), TransferGAN-style initialisation from a GAN checkpoint (--init-from, or --source for BigGAN).
+- --arch biggan: BigGAN-PyTorch's G and D (Brock & Andonian; the paper's limited-data and CIFAR networks) with its
+  module names, shapes, forward, its own spectral norm (buffers u0, sv0) and BN (stored_mean / stored_var): 128 px is
+  its ImageNet model (ch 96, attention at 64 px, shared dim 128, z 120 = 6 x 20, ccbn input [c ; z_k] = 148; G
+  70,433,988 / D 87,982,370 params with its class embeddings), loaded by key name from its published "138k"
+  checkpoint with --source; 32 px is its CIFAR config arch[32] (ch 64, no attention) with shared dim 128 and
+  hierarchical z 120 = 4 x 30. DISP replaces its class embeddings: c = G_emb(C(x)) (128-d) instead of shared(y),
+  D_emb(C(x)) (16 * ch = 1536-d at 128 px) instead of embed(y).
 - Sampling priors (eval.py --sampler-opt prior_mode=...): mixup (eq. 5, default), gmm (eq. 6), train, image
   (prior_from=IMAGE: variations of one image / "semantic diffusion").
 
@@ -57,6 +64,24 @@ Implementation choices and deviations (the paper does not specify these):
 - The baseline (--prior none) stores an N x N one-hot prior bank, so it is limited to N <= 20000 images.
 - --init-from (TransferGAN) loads every tensor of G, D (and G_ema) whose name and shape match; the paper fine-tunes
   an ImageNet SNGAN / BigGAN, whose weights are not available here.
+- BigGAN (paper: "G_emb and D_emb as linear transformation matrices"; bias, SN and init unstated): as on SNGAN,
+  G_emb bias-free and not SN (BigGAN's `shared`, which it replaces, is not), D_emb bias-free and SN (BigGAN's
+  `embed` is), both initialised like the layers they replace (orthogonal at 128 px, N(0, 0.02) at 32 px).
+- --source: G and the EMA G start from G_ema.pth (--source-g G: from G.pth), the weights BigGAN-PyTorch evaluated
+  and published (G.pth is the raw G of a run "taken just before collapse"; third-party code loads G_ema.pth and
+  D.pth too); D from D.pth. Dropped: G shared.weight, D embed.* (class embeddings); everything else,
+  BN statistics and SN vectors included, loads; a missing / extra / mis-shaped key is refused.
+- FreezeD on BigGAN ("the first 4 layers of discriminator"): --freeze-d 4 freezes D's block groups blocks.0-3
+  (blocks.0 with its self-attention blocks.0.1): BigGAN-PyTorch groups D into blocks.k, one residual block each, the
+  unit the few-shot text counts ("the first five blocks"); blocks.4-5 (8 and 4 px), linear and D_emb train.
+- --prior none on BigGAN is the supplementary's self-modulation baseline (Chen et al. 2019): c = G_emb(z), a
+  bias-free linear map of the whole z into the 128-d space, so every ccbn gets [G_emb(z) ; z_k] through the same
+  pretrained linears as with DISP (Chen et al. use a one-hidden-layer MLP per BN); D unconditional (no projection).
+- --accum K splits every D and G step into K chunks (loss / K, gradients summed, one optimizer step). Equal to one
+  big batch: losses, gradients, spectral norms (one power-iteration update per step: chunks 2..K reuse the first
+  chunk's sigma) when G's BN uses running statistics (tested). Not equal in training: G's BN normalises each chunk
+  with its own statistics and updates its running statistics K times (as BigGAN-PyTorch's own accumulation, with
+  which its ImageNet model was trained); DiffAugment draws per chunk (same distribution).
 - Style mixing (Sampler.style_mix): the coarse half of G's blocks conditioned on sample a, the fine half on b; the
   end of a run writes samples/style_mix.png, the grid of eval.py --mix (common.utils.save_style_mix).
 
@@ -64,12 +89,25 @@ Run:      python disp.py --data path/to/100-shot-images --out runs/disp-anime   
           python disp.py --data digits --res 32 --ch 16 --batch 16 --iters 2000 --prior-weights random  (quick, CPU)
           python disp.py ... --diffaug color,translation,cutout --cr 10                    (DiffAugment + DISP)
           torchrun --nproc_per_node 4 disp.py ...                                         (multi-GPU)
+Limited data, BigGAN 128 px (supplementary; 138k/ = BigGAN-PyTorch's pretrained ImageNet model from the README of
+github.com/ajbrock/BigGAN-PyTorch; DATA e.g. FFHQ2k, Places2.5k, CUB6k; lr 2e-4, z 120, EMA G for evaluation;
+Adam betas are unstated: BigGAN-PyTorch's 0 0.999; baseline = the same command with --prior none):
+  B="--arch biggan --source 138k/ --data DATA --betas 0 0.999"
+  TransferGAN + DISP: python disp.py $B --batch 256 --accum 4 --d-steps 1 --iters 5000 --ema-beta 0.999
+  FreezeD + DISP:     python disp.py $B --batch 256 --accum 4 --d-steps 1 --iters 30000 --freeze-d 4
+  DiffAugment + DISP: python disp.py $B --batch 32 --d-steps 4 --iters 30000 --diffaug translation,cutout,color --cr 1
+  (DiffAugment baseline: --prior none --cr 10. The 128 px text gives CR 10 for DiffAugment; 1 with DISP is its
+  CIFAR text. --ema-beta 0.999 for 5k steps: at 0.9999 the EMA would still be 67% the G of step 1000. --accum 4:
+  chunks of 64, BN statistics per chunk (see above); whether 64 fits a GPU was not measured here.)
+CIFAR, BigGAN 32 px (large-scale text: batch 64, 100k steps; 10%-data runs add DiffAugment, --cr 1 with DISP):
+  python disp.py --arch biggan --res 32 --data path/to/cifar10-images --batch 64 --iters 100000 --betas 0 0.999
 Sample:   python disp.py --sample runs/x/ckpt/last.pt --prior-mode gmm --out grids/       (or --prior-from img.png)
           python eval.py ... --sampler-opt prior_mode=gmm (mixup|gmm|train|image) --sampler-opt prior_from=img.png
           (other options: gmm_k, gmm_space=prior|emb, gmm_max, priors=<out>/priors.pt, prior_weights=PATH, psi)
 Bench:    python disp.py --res 128 --bench 3 --prior-weights random
           (seconds/iteration of the few-shot 128 px setting on random images, and the extractor's seconds per image,
           i.e. the one-off prior extraction of N images takes N times that; writes nothing. Measured: README)
+          python disp.py --arch biggan --res 128 --batch 8 --d-steps 1 --bench 3 --prior-weights random
 Offline:  pretrained weights cannot be downloaded without internet: pass --prior-weights PATH (a torchvision
           state_dict, or SimCLR resnet50-1x.pth with a 'state_dict' key). --prior-weights random (random-init
           extractor) exists for tests and studies only: its priors carry no source-domain knowledge.
@@ -80,12 +118,13 @@ import itertools
 import os
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.parametrizations import spectral_norm
+from torch.nn.utils.parametrizations import _SpectralNorm as TorchSN, spectral_norm
 
 from common.data import batch_indices, infinite_batches, load_dataset, load_image, Dataset, ImageFiles
 from common.diffaug import check_policy, diff_augment
@@ -101,8 +140,10 @@ METHOD = "disp"
 G_ARCH = {32: [4, 4, 4, 4], 64: [16, 16, 8, 4, 2], 128: [16, 16, 8, 4, 2, 1], 256: [16, 16, 8, 8, 4, 2, 1]}  # x ch
 D_ARCH = {32: [4, 4, 4, 4], 64: [1, 2, 4, 8, 16], 128: [1, 2, 4, 8, 16, 16], 256: [1, 2, 4, 8, 8, 16, 16]}
 D_DOWN = {32: 2, 64: 4, 128: 5, 256: 6}  # the first D_DOWN[res] D blocks halve the resolution, the rest keep it
+BIG_SN_EPS = {128: 1e-6, 32: 1e-8}  # --arch biggan: BigGAN-PyTorch's SN_eps (ImageNet 128 run; CIFAR script default)
 PRIOR_LAYERS = {"vgg16": ["fc7", "fc6", "logits"], "resnet50": ["pool", "logits"], "simclr": ["pool", "logits"]}
-ARCH_FLAGS = ("res", "ch", "z_dim", "emb_dim", "no_hier_z", "prior", "freeze_d")  # fix the shapes of G, D, opt_D
+ARCH_FLAGS = ("arch", "res", "ch", "z_dim", "emb_dim", "no_hier_z", "prior", "freeze_d")  # fix G, D, opt_D shapes
+BIGGAN_FILES = ("G.pth", "G_ema.pth", "D.pth")  # BigGAN-PyTorch's pretrained ImageNet 128 px model (README, "138k")
 SAMPLER_OPTS = ("prior_mode", "prior_from", "gmm_k", "gmm_space", "gmm_max", "priors", "prior_weights", "psi", "bn")
 
 
@@ -110,6 +151,18 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p, res=128, batch=25, iters=30000, lr=2e-4, sample_every=1000, ckpt_every=1000)
     g = p.add_argument_group("algorithm specific")
+    g.add_argument("--arch", choices=["sngan", "biggan"], default="sngan",
+                   help="sngan: SNGAN-128 ResNet (few-shot setting); biggan: BigGAN-PyTorch's G/D (128 px: its "
+                   "ImageNet model, loadable with --source; 32 px: its CIFAR config): limited-data and CIFAR runs")
+    g.add_argument("--source", nargs="+", default=None, metavar="PATH",
+                   help="--arch biggan: start from BigGAN-PyTorch's pretrained ImageNet 128 px model: its folder (the "
+                   "'138k' one: G.pth, G_ema.pth, D.pth) or those files; class embeddings are dropped (TransferGAN)")
+    g.add_argument("--source-g", choices=["G_ema", "G"], default="G_ema",
+                   help="with --source: the file G (and the EMA G) start from")
+    g.add_argument("--big-init", choices=["auto", "ortho", "N02"], default="auto", help="--arch biggan weight init: "
+                   "orthogonal or N(0, 0.02); auto: ortho at 128 px (ImageNet run), N02 at 32 px (CIFAR script)")
+    g.add_argument("--accum", type=int, default=1, help="gradient accumulation: each D and G step in K chunks of "
+                   "batch / K (one optimizer step per batch; BN sees the chunks, see the docstring)")
     g.add_argument("--prior", choices=["vgg16", "resnet50", "simclr", "none"], default="vgg16",
                    help="frozen extractor C giving the data instance prior; none = baseline, one learned embedding per image")
     g.add_argument("--prior-layer", default="auto",
@@ -119,7 +172,8 @@ def parse_args(argv=None):
                         "for simclr) | random (random-init extractor: for tests and studies only)")
     g.add_argument("--prior-size", type=int, default=224, help="extractor input size (images are resized to it)")
     g.add_argument("--max-images", type=int, default=0, help="use only the first N training images (0: all); e.g. 100-shot")
-    g.add_argument("--ch", type=int, default=64, help="channel width multiplier of G and D (SNGAN-128: 64)")
+    g.add_argument("--ch", type=int, default=0, help="channel width multiplier of G and D; 0: 64 (SNGAN-128, "
+                   "BigGAN-CIFAR), 96 with --arch biggan --res 128 (BigGAN-PyTorch's ImageNet model)")
     g.add_argument("--z-dim", type=int, default=120, help="latent z dimension")
     g.add_argument("--emb-dim", type=int, default=128, help="G_emb output: generator conditional space")
     g.add_argument("--no-hier-z", action="store_true", help="feed all of z to the 4x4 linear layer (no hierarchical z)")
@@ -145,7 +199,9 @@ def parse_args(argv=None):
     g.add_argument("--prior-mode", default="mixup", help="with --sample: mixup | gmm | train | image")
     g.add_argument("--prior-from", default=None, help="with --sample: variations of this image (prior_mode image)")
     g.add_argument("--n", type=int, default=36, help="with --sample: number of images")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.ch = a.ch or (96 if a.arch == "biggan" and a.res == 128 else 64)
+    return a
 
 
 # ------------------------------------------------------- the paper's contribution: data instance priors C(x) [Sec. 3]
@@ -252,6 +308,87 @@ class CBN(nn.Module):
         return self.bn(x) * (1 + self.gain(y))[:, :, None, None] + self.bias(y)[:, :, None, None]
 
 
+class BigSN:
+    """BigGAN-PyTorch's spectral norm, mixed into nn.Conv2d / nn.Linear / nn.Embedding (keys weight, bias, u0, sv0):
+    every call does one power step from the buffer u0 [1, n_out]; train mode writes u back to u0 and sigma to sv0
+    (logging only), eval mode writes nothing. sn_held (gradient accumulation): reuse the previous call's u, v."""
+    sn_held = False
+
+    def sn_init(self, eps):
+        self.sn_eps = eps
+        self.register_buffer("u0", torch.randn(1, self.weight.shape[0]))
+        self.register_buffer("sv0", torch.ones(1))
+
+    def sn_weight(self):
+        W = self.weight.view(self.weight.shape[0], -1)
+        if not self.sn_held:
+            with torch.no_grad():
+                v = F.normalize(self.u0 @ W, dim=1, eps=self.sn_eps)
+                u = F.normalize(v @ W.t(), dim=1, eps=self.sn_eps)
+                if self.training:
+                    self.u0.copy_(u)
+                self.sn_uv = (v, u)
+        v, u = self.sn_uv
+        sv = (v @ W.t() @ u.t()).squeeze()
+        if self.training:
+            self.sv0.copy_(sv.detach())
+        return self.weight / sv
+
+
+class BigConv(nn.Conv2d, BigSN):  # k x k, padding k // 2
+    def __init__(self, cin, cout, k=3, bias=True, eps=1e-6):
+        super().__init__(cin, cout, k, padding=k // 2, bias=bias)
+        self.sn_init(eps)
+
+    def forward(self, x):
+        return self._conv_forward(x, self.sn_weight(), self.bias)
+
+
+class BigLinear(nn.Linear, BigSN):
+    def __init__(self, cin, cout, bias=True, eps=1e-6):
+        super().__init__(cin, cout, bias=bias)
+        self.sn_init(eps)
+
+    def forward(self, x):
+        return F.linear(x, self.sn_weight(), self.bias)
+
+
+class BigEmbedding(nn.Embedding, BigSN):
+    def __init__(self, n, dim, eps=1e-6):
+        super().__init__(n, dim)
+        self.sn_init(eps)
+
+    def forward(self, y):
+        return F.embedding(y, self.sn_weight())
+
+
+class BigBN(nn.modules.batchnorm._BatchNorm):
+    """BigGAN-PyTorch's BN: buffers stored_mean / stored_var (no num_batches_tracked), momentum 0.1. With cond_dim its
+    ccbn (= CBN: gain = 1 + gain(y), bias = bias(y), SN linears without bias), else its output bn (affine parameters
+    gain / bias). A _BatchNorm (running_mean / running_var alias the stored_* buffers), so that the sampler's
+    bn=batch|recompute (common.utils) see it; track_running_stats False: batch statistics, buffers left alone."""
+    running_mean = property(lambda self: self.stored_mean)
+    running_var = property(lambda self: self.stored_var)
+    _load_from_state_dict = nn.Module._load_from_state_dict  # _BatchNorm's would add a num_batches_tracked key
+
+    def __init__(self, c, cond_dim=0, sn_eps=1e-6, eps=1e-5):
+        nn.Module.__init__(self)  # not _BatchNorm's: other buffer names
+        self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats = c, eps, 0.1, False, True
+        if cond_dim:
+            self.gain, self.bias = BigLinear(cond_dim, c, False, sn_eps), BigLinear(cond_dim, c, False, sn_eps)
+        else:
+            self.gain, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        self.register_buffer("stored_mean", torch.zeros(c))
+        self.register_buffer("stored_var", torch.ones(c))
+
+    def forward(self, x, y=None):
+        stats = (self.stored_mean, self.stored_var) if self.track_running_stats or not self.training else (None, None)
+        if y is None:
+            return F.batch_norm(x, *stats, self.gain, self.bias, self.training, self.momentum, self.eps)
+        x = F.batch_norm(x, *stats, None, None, self.training, self.momentum, self.eps)
+        return x * (1 + self.gain(y))[:, :, None, None] + self.bias(y)[:, :, None, None]
+
+
 class GBlock(nn.Module):  # CBN-ReLU-up-conv3-CBN-ReLU-conv3, shortcut up-conv1
     def __init__(self, cin, cout, cond_dim):
         super().__init__()
@@ -263,6 +400,35 @@ class GBlock(nn.Module):  # CBN-ReLU-up-conv3-CBN-ReLU-conv3, shortcut up-conv1
         h = F.interpolate(F.relu(self.bn1(x, y)), scale_factor=2)
         h = self.conv2(F.relu(self.bn2(self.conv1(h), y)))
         return h + self.sc(F.interpolate(x, scale_factor=2))
+
+
+class BigGBlock(GBlock):
+    """BigGAN-PyTorch's GBlock: GBlock's forward with BigGAN's SN, BN and key names (conv_sc)."""
+    sc = property(lambda self: self.conv_sc)
+
+    def __init__(self, cin, cout, cond_dim, eps):
+        nn.Module.__init__(self)  # creation order = BigGAN's (its RNG order at init)
+        self.conv1, self.conv2 = BigConv(cin, cout, eps=eps), BigConv(cout, cout, eps=eps)
+        self.conv_sc = BigConv(cin, cout, 1, eps=eps)
+        self.bn1, self.bn2 = BigBN(cin, cond_dim, eps), BigBN(cout, cond_dim, eps)
+
+
+class Attention(nn.Module):
+    """BigGAN-PyTorch's self-attention (SAGAN): gamma * o(g . softmax(theta^T phi)) + x, phi and g max-pooled 2x2."""
+
+    def __init__(self, c, eps):
+        super().__init__()
+        self.theta, self.phi = BigConv(c, c // 8, 1, False, eps), BigConv(c, c // 8, 1, False, eps)
+        self.g, self.o = BigConv(c, c // 2, 1, False, eps), BigConv(c // 2, c, 1, False, eps)
+        self.gamma = nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x, y=None):
+        B, C, H, W = x.shape
+        theta = self.theta(x).view(B, C // 8, H * W)
+        phi = F.max_pool2d(self.phi(x), 2).view(B, C // 8, H * W // 4)
+        g = F.max_pool2d(self.g(x), 2).view(B, C // 2, H * W // 4)
+        beta = F.softmax(theta.transpose(1, 2) @ phi, -1)  # [B, HW, HW/4]
+        return self.gamma * self.o((g @ beta.transpose(1, 2)).view(B, C // 2, H, W)) + x
 
 
 class Generator(nn.Module):
@@ -299,6 +465,43 @@ class Generator(nn.Module):
         return self.synth(*self.conds(z, prior))
 
 
+class BigGenerator(Generator):
+    """BigGAN-PyTorch's G with its key names (G.pth / G_ema.pth load by name; 70,433,988 params at 128 px, ch 96, with
+    its 1000-class `shared`). Hierarchical z: z_dim / (blocks + 1) per slot, block k gets [c ; z_k]. The condition c:
+    G_emb(prior) (DISP, `emb`); with prior_dim 0 G_emb(z) (self-modulated BN, the --prior none baseline); with
+    n_classes BigGAN's own shared(y) (y: class labels). Attention after the block whose output is 64 px (128 only)."""
+
+    def __init__(self, res, ch, z_dim, prior_dim, emb_dim=128, n_classes=0, init="auto"):
+        nn.Module.__init__(self)
+        widths, eps = [m * ch for m in G_ARCH[res]], BIG_SN_EPS[res]
+        n = len(widths) - 1
+        self.z_sizes, self.c0, self.hier = [z_dim // (n + 1)] * (n + 1), widths[0], True
+        if n_classes:
+            self.shared = nn.Embedding(n_classes, emb_dim)
+        else:
+            self.emb = nn.Linear(prior_dim or z_dim, emb_dim, bias=False)  # G_emb
+        self.self_mod = not (n_classes or prior_dim)
+        self.linear = BigLinear(self.z_sizes[0], widths[0] * 16, eps=eps)
+        self.blocks = nn.ModuleList(nn.ModuleList([BigGBlock(widths[i], widths[i + 1], emb_dim + self.z_sizes[1], eps)]
+                                                  + ([Attention(widths[i + 1], eps)] if 8 << i == 64 < res else []))
+                                    for i in range(n))
+        self.output_layer = nn.Sequential(BigBN(widths[-1]), nn.ReLU(), BigConv(widths[-1], 3, eps=eps))
+        if init:
+            big_init(self, res, init)
+
+    def conds(self, z, prior):
+        c = self.shared(prior) if hasattr(self, "shared") else self.emb(z if self.self_mod else prior)
+        zs = torch.split(z, self.z_sizes, 1)
+        return zs[0], [torch.cat([c, zk], 1) for zk in zs[1:]]
+
+    def synth(self, z0, ys):
+        h = self.linear(z0).view(z0.shape[0], self.c0, 4, 4)
+        for blk, y in zip(self.blocks, ys):
+            for m in blk:
+                h = m(h, y)
+        return torch.tanh(self.output_layer(h))
+
+
 class DBlock(nn.Module):  # (ReLU)-conv3-ReLU-conv3-(avgpool), shortcut conv1-(avgpool); optimized: first block
     def __init__(self, cin, cout, down, first=False):
         super().__init__()
@@ -315,6 +518,18 @@ class DBlock(nn.Module):  # (ReLU)-conv3-ReLU-conv3-(avgpool), shortcut conv1-(a
         if self.down:
             h, s = F.avg_pool2d(h, 2), F.avg_pool2d(s, 2)
         return h + s
+
+
+class BigDBlock(DBlock):
+    """BigGAN-PyTorch's DBlock (D_wide): DBlock's forward (the first block pools before conv_sc, the preactivation
+    ones after) with BigGAN's SN and key names; no conv_sc when the block keeps channels and resolution."""
+    sc = property(lambda self: self.conv_sc)
+
+    def __init__(self, cin, cout, down, first, eps):
+        nn.Module.__init__(self)
+        self.conv1, self.conv2 = BigConv(cin, cout, eps=eps), BigConv(cout, cout, eps=eps)
+        self.down, self.first = down, first
+        self.conv_sc = BigConv(cin, cout, 1, eps=eps) if (cin != cout or down) else None
 
 
 class Discriminator(nn.Module):
@@ -340,6 +555,50 @@ class Discriminator(nn.Module):
         return (self.emb(prior) * f).sum(1) + self.l(f).squeeze(1)
 
 
+class BigDiscriminator(Discriminator):
+    """BigGAN-PyTorch's D with its key names (D.pth loads by name; 87,982,370 params at 128 px, ch 96, with its
+    1000-class `embed`): linear(D_f(x)) + D_emb(prior) . D_f(x) (DISP, `emb`, SN); BigGAN's own SN embed(y) with
+    n_classes; unconditional with prior_dim 0 (the self-modulation baseline). Attention after block 0 (64 px) at 128."""
+
+    def __init__(self, res, ch, prior_dim, n_classes=0, init="auto"):
+        nn.Module.__init__(self)
+        widths, eps = [3] + [m * ch for m in D_ARCH[res]], BIG_SN_EPS[res]
+        self.blocks = nn.ModuleList(nn.ModuleList([BigDBlock(widths[i], widths[i + 1], i < D_DOWN[res], i == 0, eps)]
+                                                  + ([Attention(widths[1], eps)] if i == 0 and res == 128 else []))
+                                    for i in range(len(widths) - 1))
+        self.feat_dim = widths[-1]
+        self.linear = BigLinear(widths[-1], 1, eps=eps)  # D_l
+        if n_classes:
+            self.embed = BigEmbedding(n_classes, widths[-1], eps)
+        elif prior_dim:
+            self.emb = BigLinear(prior_dim, widths[-1], bias=False, eps=eps)  # D_emb
+        if init:
+            big_init(self, res, init)
+
+    def features(self, x):  # D_f
+        for blk in self.blocks:
+            for m in blk:
+                x = m(x)
+        return F.relu(x).sum(dim=(2, 3))
+
+    def forward(self, x, prior):
+        f = self.features(x)
+        out = self.linear(f).squeeze(1)
+        proj = self.embed(prior) if hasattr(self, "embed") else self.emb(prior) if hasattr(self, "emb") else None
+        return out if proj is None else out + (proj * f).sum(1)
+
+
+def big_init(m, res, kind="auto"):
+    """BigGAN-PyTorch's init: the weight (not the bias) of every conv / linear / embedding re-drawn orthogonal
+    ('ortho', its 128 px run) or N(0, 0.02) ('N02', its CIFAR script); auto: ortho at 128 px, N02 at 32 px."""
+    for mod in m.modules():
+        if isinstance(mod, (nn.Conv2d, nn.Linear, nn.Embedding)):
+            if kind == "ortho" or kind == "auto" and res == 128:
+                nn.init.orthogonal_(mod.weight)
+            else:
+                nn.init.normal_(mod.weight, 0, 0.02)
+
+
 def init_weights(m):
     for mod in m.modules():
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
@@ -352,6 +611,10 @@ def init_weights(m):
 def build_models(args, prior_dim):
     if args.res not in G_ARCH:
         raise UserError(f"--res {args.res} is not supported by disp.py: use one of {sorted(G_ARCH)}")
+    if getattr(args, "arch", "sngan") == "biggan":
+        init = getattr(args, "big_init", "auto")
+        return (BigGenerator(args.res, args.ch, args.z_dim, prior_dim, args.emb_dim, init=init),
+                BigDiscriminator(args.res, args.ch, prior_dim, init=init))
     G = Generator(args.res, args.ch, args.z_dim, prior_dim, args.emb_dim, hier=not args.no_hier_z)
     D = Discriminator(args.res, args.ch, prior_dim)
     return G, D
@@ -410,7 +673,9 @@ def get_priors(ds, args, device, cache_path, key=None, chunk=64):
             return c["priors"], 0.0
         print(f"priors: {cache_path} was made with other settings; recomputing", flush=True)
     partial = cache_path + ".partial"
-    if args.prior == "none":  # baseline: one one-hot row per image -> G_emb / D_emb columns are per-image embeddings
+    if args.prior == "none" and getattr(args, "arch", "sngan") == "biggan":  # self-modulation: no prior at all
+        priors, dt = torch.zeros(len(ds), 0), 0.0
+    elif args.prior == "none":  # baseline: one one-hot row per image -> G_emb / D_emb columns are per-image embeddings
         if len(ds) > 20000:
             raise UserError(f"--prior none keeps an N x N one-hot bank: {len(ds)} images is too many (use --max-images)")
         priors, dt = torch.eye(len(ds)), 0.0
@@ -486,6 +751,29 @@ def g_loss(fake, kind="hinge"):
     return F.softplus(-fake).mean() if kind == "ns" else -fake.mean()
 
 
+@contextmanager
+def accum_chunk(k, K, ddp, *nets):
+    """Chunk k of K of an --accum step: no DDP gradient sync before the last chunk; from the second chunk on, the
+    spectral norms of `nets` reuse the sigma of the first chunk (no power-iteration update), as one whole batch would
+    (what differs from one batch: BatchNorm in G normalises each chunk with its own statistics and updates its
+    running statistics K times, as in BigGAN-PyTorch's own accumulation)."""
+    sn = [m for n in nets for m in n.modules() if isinstance(m, (BigSN, TorchSN))] if k else []
+    modes = [(m.training, m.sn_held) if isinstance(m, BigSN) else (m.training, None) for m in sn]
+    for m in sn:
+        if isinstance(m, BigSN):
+            m.sn_held = True
+        else:
+            m.training = False  # torch's spectral norm: eval mode = sigma from the stored u, v (no update)
+    try:
+        with ddp.no_sync() if k < K - 1 and hasattr(ddp, "no_sync") else nullcontext():
+            yield
+    finally:
+        for m, (training, held) in zip(sn, modes):
+            m.training = training
+            if held is not None:
+                m.sn_held = held
+
+
 def train_step(G, D, opt_G, opt_D, real, args, device, G_plain=None, D_plain=None):
     """Alg. 1: one D update per (x, p) pair of `real` (--d-steps of them: a real batch x and its priors p = C(x)),
     each with the fake G(z | p) conditioned on the SAME priors (lines 3-10), then one G update with the priors of
@@ -494,25 +782,37 @@ def train_step(G, D, opt_G, opt_D, real, args, device, G_plain=None, D_plain=Non
     G_plain, D_plain = G_plain or G, D_plain or D
     aug = (lambda x: diff_augment(x, args.diffaug)) if args.diffaug else (lambda x: x)
     d_params = [q for q in D_plain.parameters() if q.requires_grad]  # FreezeD: the frozen blocks stay out
+    K = getattr(args, "accum", 1)  # --accum: every step in K chunks, gradients summed (loss / K), one optimizer step
     for x, p in real:
         B = x.shape[0]
-        with torch.no_grad(), autocast(device, args.amp):
-            xf = G_plain(torch.randn(B, args.z_dim, device=device), p)  # fake conditioned on the same C(x)
-        with autocast(device, args.amp):
-            ins = [aug(x), aug(xf)] + ([aug(x)] if args.cr > 0 else [])
-            out = D(torch.cat(ins), p.repeat(len(ins), 1)).float()
-            loss_d = d_loss(out[:B], out[B:2 * B], args.loss)
-            if args.cr > 0:  # consistency regularisation: two DiffAugment views of the reals
-                loss_d = loss_d + args.cr * (out[:B] - out[2 * B:]).pow(2).mean()
+        z = torch.randn(B, args.z_dim, device=device)
         opt_D.zero_grad(set_to_none=True)
-        loss_d.backward()
+        loss_d = 0
+        for k, (xk, pk, zk) in enumerate(zip(x.chunk(K), p.chunk(K), z.chunk(K))):
+            b = xk.shape[0]
+            with accum_chunk(k, K, D, G_plain, D_plain):
+                with torch.no_grad(), autocast(device, args.amp):
+                    xf = G_plain(zk, pk)  # fake conditioned on the same C(x)
+                with autocast(device, args.amp):
+                    ins = [aug(xk), aug(xf)] + ([aug(xk)] if args.cr > 0 else [])
+                    out = D(torch.cat(ins), pk.repeat(len(ins), 1)).float()
+                    loss = d_loss(out[:b], out[b:2 * b], args.loss)
+                    if args.cr > 0:  # consistency regularisation: two DiffAugment views of the reals
+                        loss = loss + args.cr * (out[:b] - out[2 * b:]).pow(2).mean()
+                (loss / K).backward()
+            loss_d = loss_d + loss.detach() / K
         opt_D.step()
     for q in d_params:
         q.requires_grad_(False)
-    with autocast(device, args.amp):
-        loss_g = g_loss(D_plain(aug(G(torch.randn(B, args.z_dim, device=device), p)), p).float(), args.loss)
+    z = torch.randn(B, args.z_dim, device=device)
     opt_G.zero_grad(set_to_none=True)
-    loss_g.backward()
+    loss_g = 0
+    for k, (pk, zk) in enumerate(zip(p.chunk(K), z.chunk(K))):
+        with accum_chunk(k, K, G, G_plain, D_plain):
+            with autocast(device, args.amp):
+                loss = g_loss(D_plain(aug(G(zk, pk)), pk).float(), args.loss)
+            (loss / K).backward()
+        loss_g = loss_g + loss.detach() / K
     opt_G.step()
     for q in d_params:
         q.requires_grad_(True)
@@ -537,6 +837,17 @@ def check_args(args):
         raise UserError(f"--prior-layer {args.prior_layer} is not available for {args.prior}: {PRIOR_LAYERS[args.prior]}")
     if args.freeze_d < 0 or args.freeze_d >= len(D_ARCH.get(args.res, [])):
         raise UserError(f"--freeze-d {args.freeze_d}: must be in [0, number of D blocks - 1]")
+    if args.arch == "biggan" and args.res not in (32, 128):
+        raise UserError(f"--arch biggan --res {args.res}: BigGAN-PyTorch's configs are 128 (ImageNet) and 32 (CIFAR)")
+    slots = len(G_ARCH[args.res])
+    if args.arch == "biggan" and (args.no_hier_z or args.z_dim % slots):
+        raise UserError(f"--arch biggan always splits z into {slots} equal chunks: --z-dim must be a multiple of "
+                        f"{slots} (paper: 120), without --no-hier-z")
+    if args.source and (args.arch != "biggan" or args.res != 128 or args.init_from):
+        raise UserError("--source is BigGAN-PyTorch's ImageNet 128 px model: use it with --arch biggan --res 128 and "
+                        "without --init-from (--init-from takes this script's own checkpoints)")
+    if args.accum < 1 or args.batch % (args.accum * int(os.environ.get("WORLD_SIZE", 1))):
+        raise UserError(f"--accum {args.accum}: must be >= 1 and divide the per-process batch ({args.batch})")
     if args.cr and not args.diffaug:
         raise UserError("--cr compares two DiffAugment views of the reals; without --diffaug it is 0: add e.g. "
                         "--diffaug translation,cutout,color")
@@ -579,6 +890,61 @@ def transfer_init(path, G, D, G_ema):
     print("init-from:", ", ".join(report), "tensors loaded", flush=True)
 
 
+def source_files(paths, g_file="G_ema"):
+    """--source (a folder, or the files): the paths of the generator file to start from (G_ema.pth or G.pth) and
+    D.pth of BigGAN-PyTorch's checkpoint; one error line naming what is missing and where it comes from."""
+    found = {}
+    for path in paths:
+        if os.path.isdir(path):
+            found.update({f: os.path.join(path, f) for f in BIGGAN_FILES if os.path.isfile(os.path.join(path, f))})
+        elif os.path.isfile(path):
+            name = os.path.basename(path)
+            role = next((f for f in ("G_ema.pth", "G.pth", "D.pth") if name.endswith(f)), None)
+            if role is None:
+                raise UserError(f"--source {path}: which of {', '.join(BIGGAN_FILES)} is it? (name it so, or pass "
+                                "its folder)")
+            found[role] = path
+    missing = [f for f in (g_file + ".pth", "D.pth") if f not in found]
+    if missing:
+        raise UserError(f"--source {' '.join(paths)}: no {' and '.join(missing)} there; --source is BigGAN-PyTorch's "
+                        "pretrained ImageNet 128x128 model (the '138k' folder with G.pth, G_ema.pth, D.pth linked from "
+                        "the README of github.com/ajbrock/BigGAN-PyTorch): download it and pass its folder")
+    return found[g_file + ".pth"], found["D.pth"]
+
+
+def load_source(paths, g_file, G, D, G_ema):
+    """--source: BigGAN-PyTorch's G (into G and G_ema) and D by key name. Its class embeddings (G shared.*, D embed.*)
+    are dropped and DISP's G_emb / D_emb (emb.*) keep their init; any other missing, extra or mis-shaped key: one
+    error line. Its optimizer and state_dict.pth files are not needed. Returns the report line."""
+    report = []
+    for name, path, nets, drop in zip("GD", source_files(paths, g_file), ((G, G_ema), (D,)), ("shared.", "embed.")):
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        except Exception as e:
+            raise UserError(f"cannot read --source file {path} ({type(e).__name__}): not a BigGAN-PyTorch {name} "
+                            "state_dict")
+        own = nets[0].state_dict()
+        new, dropped = [k for k in own if k.startswith("emb.")], [k for k in sd if k.startswith(drop)]
+        bad = {"missing": [k for k in own if k not in sd and k not in new],
+               "extra": [k for k in sd if k not in own and k not in dropped],
+               "mis-shaped": [f"{k} {list(sd[k].shape)} vs {list(own[k].shape)}" for k in own
+                              if k in sd and sd[k].shape != own[k].shape]}
+        if any(bad.values()):
+            what = "; ".join(f"{len(v)} {w} ({', '.join(v[:2])}{', ...' if len(v) > 2 else ''})"
+                             for w, v in bad.items() if v)
+            raise UserError(f"--source {path} does not fit --arch biggan --res 128 (BigGAN-PyTorch's ImageNet model is "
+                            f"--ch 96): {what}")
+        for net in nets:
+            net.load_state_dict({k: v for k, v in sd.items() if k not in dropped}, strict=False)
+        gone = ", ".join(f"{k} {list(sd[k].shape)}" for k in dropped) or "nothing"
+        report.append(f"{name} {len(sd) - len(dropped)}/{len(own)} tensors from {path}, dropped {gone}, new "
+                      f"{', '.join(new) or 'none'}")
+    line = "source: " + "; ".join(report)
+    print(line, flush=True)
+    return line
+
+
 def bench(args):
     """--bench N: seconds per iteration (train_step + EMA) on random images at --res/--batch (--d-steps D steps),
     and the extractor's seconds per image (the prior extraction of N images takes N times that); writes nothing."""
@@ -586,8 +952,8 @@ def bench(args):
     seed_everything(args.seed)
     x = torch.rand(args.batch, 3, args.res, args.res, device=device) * 2 - 1
     t_prior = 0.0
-    if args.prior == "none":  # one-hot priors of a set of --batch images
-        p = torch.eye(args.batch, device=device)
+    if args.prior == "none":  # one-hot priors of a set of --batch images (BigGAN self-modulation: none)
+        p = torch.eye(args.batch, device=device) if args.arch != "biggan" else torch.zeros(args.batch, 0, device=device)
     else:
         C = build_extractor(args.prior, args.prior_layer, args.prior_weights, args.prior_size).to(device)
         t_prior = min(time_steps(lambda: C(x), 1, device)) / args.batch
@@ -629,7 +995,9 @@ def sample_only(args):
 def run(args, setup=None):
     dist = Dist(args.device)
     device, batch = dist.device, dist.per_rank_batch(args.batch)
-    ck, path = read_resume(args, METHOD, ARCH_FLAGS)  # readable, same method and networks: checked first
+    ck, path = read_resume(args, METHOD, ARCH_FLAGS, {"arch": "sngan"})  # readable, same method and networks: first
+    if not ck and args.source:  # method: the source files exist (before the data and the priors)
+        source_files(args.source, args.source_g)
     if ck and ck.get("prior_key"):  # method: the prior settings too (the data part of the key: after loading)
         now = prior_settings(args)
         check_prior_key({k: ck["prior_key"].get(k) for k in now}, now, f"the priors of checkpoint {path}")
@@ -653,9 +1021,11 @@ def run(args, setup=None):
     start, best = resume(ck, path, saved, dist, args) if ck else (0, float("inf"))
     if not ck and args.init_from:  # method: TransferGAN
         transfer_init(args.init_from, G, D, G_ema)
+    elif not ck and args.source:  # method: TransferGAN from BigGAN-PyTorch's ImageNet model
+        load_source(args.source, args.source_g, G, D, G_ema)
     elif not ck and args.freeze_d and dist.is_main:  # method
-        print(f"warning: --freeze-d {args.freeze_d} without --init-from freezes randomly initialised D blocks "
-              "(FreezeD is meant for fine-tuning a pretrained GAN)", flush=True)
+        print(f"warning: --freeze-d {args.freeze_d} without --init-from / --source freezes randomly initialised D "
+              "blocks (FreezeD is meant for fine-tuning a pretrained GAN)", flush=True)
     G_run, D_run = dist.wrap(G), dist.wrap(D)
     ckpt_priors = priors if len(ds) <= args.ckpt_priors else \
         priors[torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed))[:args.ckpt_priors]]  # method
