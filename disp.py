@@ -82,6 +82,9 @@ Implementation choices and deviations (the paper does not specify these):
   chunk's sigma) when G's BN uses running statistics (tested). Not equal in training: G's BN normalises each chunk
   with its own statistics and updates its running statistics K times (as BigGAN-PyTorch's own accumulation, with
   which its ImageNet model was trained); DiffAugment draws per chunk (same distribution).
+- CUDA speed: fused Adam (CUDA only), cuDNN autotuner, the in-memory images kept on the GPU, pinned non-blocking
+  copies, host syncs only at --log-every steps (common/); --compile (torch.compile) takes G and D (no double backward
+  in DISP's losses; CR is a plain penalty). Not yet measured on a GPU.
 - Style mixing (Sampler.style_mix): the coarse half of G's blocks conditioned on sample a, the fine half on b; the
   end of a run writes samples/style_mix.png, the grid of eval.py --mix (common.utils.save_style_mix).
 
@@ -132,7 +135,7 @@ from common.ema import ema_update, make_ema
 from common.metrics import dataset_fingerprint, sha256_file, training_evaluator
 from common.utils import (BN_MODES, Dist, Progress, SamplerBase, SetupInterrupt, StopOnInterrupt, UserError,
                           add_common_args, autocast, batch_stat_bn, check_bn_mode, check_finite, check_method,
-                          count_params, load_checkpoint, log_metrics, pick_device, prepare_run_dir, read_resume,
+                          compiled, count_params, load_checkpoint, log_metrics, pick_device, prepare_run_dir, read_resume,
                           recompute_bn_stats, resume, rng_state, save_checkpoint, save_grid, save_style_mix,
                           seed_everything, time_steps, user_errors)
 
@@ -868,8 +871,10 @@ def build(args, prior_dim, device):
     G, D = G.to(device), D.to(device)
     for blk in D.blocks[:args.freeze_d]:  # FreezeD
         blk.requires_grad_(False)
-    opt_G = torch.optim.Adam(G.parameters(), args.lr, betas=tuple(args.betas))
-    opt_D = torch.optim.Adam([p for p in D.parameters() if p.requires_grad], args.lr, betas=tuple(args.betas))
+    fused = device.type == "cuda"  # one kernel per step on CUDA (CPU keeps the for-each Adam)
+    opt_G = torch.optim.Adam(G.parameters(), args.lr, betas=tuple(args.betas), fused=fused)
+    opt_D = torch.optim.Adam([p for p in D.parameters() if p.requires_grad], args.lr, betas=tuple(args.betas),
+                             fused=fused)
     return G, D, opt_G, opt_D
 
 
@@ -962,8 +967,10 @@ def bench(args):
     G_ema = make_ema(G)
     real = [(x, p)] * args.d_steps
 
+    G_run, D_run = compiled(G, args.compile), compiled(D, args.compile)
+
     def step():
-        train_step(G, D, opt_G, opt_D, real, args, device)
+        train_step(G_run, D_run, opt_G, opt_D, real, args, device, G, D)
         ema_update(G_ema, G, args.ema_beta)
 
     dt = sum(time_steps(step, args.bench, device)[1:]) / args.bench
@@ -1027,6 +1034,7 @@ def run(args, setup=None):
         print(f"warning: --freeze-d {args.freeze_d} without --init-from / --source freezes randomly initialised D "
               "blocks (FreezeD is meant for fine-tuning a pretrained GAN)", flush=True)
     G_run, D_run = dist.wrap(G), dist.wrap(D)
+    G_run, D_run = compiled(G_run, args.compile), compiled(D_run, args.compile)  # method: no double backward here
     ckpt_priors = priors if len(ds) <= args.ckpt_priors else \
         priors[torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed))[:args.ckpt_priors]]  # method
 

@@ -393,13 +393,14 @@ def proj_lr(t):
     return (0.5 - 0.5 * np.cos(r * np.pi)) * min(1.0, t / 0.05)
 
 
-def project(sampler, target, steps, lr=0.1, n_init=64, seed=0, lpips=None, snaps=6):
+def project(sampler, target, steps, lr=0.1, n_init=64, seed=0, lpips=None, snaps=6, log=None):
     """Find sampler.proj_init-kind variables v whose proj_generate(v) reproduce `target` ([n, 3, res, res] in [-1, 1]):
     the best of n_init latents (sampler.latents(n_init, seed)) by the loss, then `steps` Adam steps on
     loss = pixel MSE (+ LPIPS when `lpips` is given), images independent (per-image losses summed).
     Returns dict v, img (final), per-image mse / lpips / loss at the start (init_*) and end, snapshots
-    [n, snaps + 2, 3, res, res] (the start, snaps steps in between, the end)."""
-    dev = sampler.latents(1, 0).device
+    [n, snaps + 2, 3, res, res] (the start, snaps steps in between, the end). log: a prefix to print the mean loss
+    with, about every steps / 5 steps."""
+    dev, t0 = sampler.latents(1, 0).device, time.time()
     target = target.to(dev).float()
 
     def losses(img):
@@ -433,6 +434,8 @@ def project(sampler, target, steps, lr=0.1, n_init=64, seed=0, lpips=None, snaps
                          "init_loss": loss.detach().cpu()}
             if step in (0, steps) or step in at:
                 shots.append(img.detach().float().cpu())
+            if log is not None and (step % max(steps // 5, 1) == 0 or step == steps):
+                print(f"{log}step {step}/{steps}: mean mse {float(mse.mean()):.4f} ({time.time() - t0:.0f} s)", flush=True)
             if step == steps:
                 break
             for g in opt.param_groups:
@@ -463,7 +466,8 @@ def read_targets(paths, res, crop):
 
 def project_all(sampler, target, args, lpips):
     """project() in chunks of --batch; per-image results concatenated."""
-    parts = [project(sampler, target[i:i + args.batch], args.steps, args.proj_lr, args.proj_init, args.seed, lpips)
+    parts = [project(sampler, target[i:i + args.batch], args.steps, args.proj_lr, args.proj_init, args.seed, lpips,
+                     log=f"project images {i + 1}-{min(i + args.batch, len(target))} of {len(target)}: ")
              for i in range(0, len(target), args.batch)]
     return {k: None if parts[0][k] is None else torch.cat([p[k].cpu() for p in parts]) for k in parts[0]}
 
