@@ -594,7 +594,7 @@ def build_target(args, device, source=True, out=None):
         opt_G = torch.optim.RMSprop(G_tr, lr=args.lr, alpha=0.99, eps=1e-8)
         opt_D = torch.optim.RMSprop(D_tr, lr=args.lr, alpha=0.99, eps=1e-8)
     else:
-        fused = device.type == "cuda"  # one kernel per step on CUDA (CPU keeps the for-each Adam)
+        fused = torch.device(device).type == "cuda"  # one kernel per step on CUDA (CPU keeps the for-each Adam)
         opt_G = torch.optim.Adam(G_tr + G_ada, lr=args.lr, betas=(0.0, 0.99), eps=1e-8, fused=fused)
         opt_D = torch.optim.Adam(D_tr, lr=args.lr, betas=(0.0, 0.99), eps=1e-8, fused=fused)
     return G, D, opt_G, opt_D, G_ada, D_tr

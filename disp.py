@@ -871,7 +871,7 @@ def build(args, prior_dim, device):
     G, D = G.to(device), D.to(device)
     for blk in D.blocks[:args.freeze_d]:  # FreezeD
         blk.requires_grad_(False)
-    fused = device.type == "cuda"  # one kernel per step on CUDA (CPU keeps the for-each Adam)
+    fused = torch.device(device).type == "cuda"  # one kernel per step on CUDA (CPU keeps the for-each Adam)
     opt_G = torch.optim.Adam(G.parameters(), args.lr, betas=tuple(args.betas), fused=fused)
     opt_D = torch.optim.Adam([p for p in D.parameters() if p.requires_grad], args.lr, betas=tuple(args.betas),
                              fused=fused)
