@@ -37,7 +37,19 @@ Deviations / choices (vs. the paper and the authors' code):
 - D' is updated after the D phases instead of at the start of the next iteration: the same sequence of weights.
   The fake queue receives the momentum fake head applied to the (detached) D features of the fake queries, the
   real queue the real keys (authors' update_q).
-- Each InsGen query/key is its own D / D' pass with an independent augmentation draw (the G-phase key reuses G(z)).
+- InsGen passes, --query separate (default; the authors' passes): each query is a D pass of its own on an independent
+  augmentation draw, each key a D' pass (the G-phase key on G(z) itself); query and key passes stop at the pooled
+  features (the authors run the 4x4 epilogue and drop its logits). In the D main phase the two queries run as one 2B
+  D pass and the two keys as one 2B D' pass: the features are taken before minibatch-std, so no op mixes samples (the
+  adversarial passes stay apart: minibatch-std would group reals with fakes); the fake adversarial graph is
+  back-propagated first, as the authors do, so at most 3 batch-B D graphs are alive, not 4. Same random draws in the
+  same order, same losses and gradients up to float re-association (tests: test_batched_insgen_passes_keep_the_math).
+  Per iteration 6 D fwd+bwd, 3 D' fwd, 3 G fwd, 9 augmentations (ADA: 3, 0, 2, 3): ~1.9x ADA by pass count.
+- --query shared (the paper's reading, Sec. 3.3: the heads reuse D's backbone at little extra cost; not the authors'
+  code): the queries are the pooled features the three adversarial passes (G phase fake, D phase fake and real)
+  already compute, so each query shares its logit's augmentation draw (the authors: an independent draw); the keys
+  keep their own D' passes and draws; in the D phase the fake logit and the fake InfoNCE term go back in one backward
+  (2 D graphs alive). Per iteration 3 D fwd+bwd, 3 D' fwd, 3 G fwd, 6 augmentations: ~1.3x ADA by pass count.
 - Head width: Linear(C, 512) -> ReLU -> Linear(512, 128) where C = D's 4x4 channels (512 at paper settings).
 - `--ada-linear`: p = target * (images seen / total images), updated every 4 iterations.
 - Runs on one GPU, on CPU and under torchrun (the authors' code always all-gathers and crashes on one GPU). Under
@@ -56,6 +68,10 @@ Deviations / choices (vs. the paper and the authors' code):
   samples/style_mix.png, the grid of eval.py --mix (common.utils.save_style_mix).
 - Everything else (fused modconv, TF32 flags, custom CUDA kernels) is replaced by the mathematically equal
   plain-PyTorch path; conv2d_gradfix is not needed because PyTorch differentiates conv twice natively.
+- CUDA speed: fused Adam (CUDA only), cuDNN autotuner, the in-memory images kept on the GPU, pinned non-blocking
+  copies (common/); host syncs: the ADA adjustment reads its sign statistic every 4 iterations (as the reference),
+  the losses only at --log-every steps. --compile is refused: R1 and path-length regularization differentiate D and
+  G twice, which torch.compile's autograd does not support. Not yet measured on a GPU.
 
 Run:       python insgen.py --data pokemon --res 256 --cfg auto            (1 GPU; --cfg paper256 = 8 GPUs, batch 64)
 Plain ADA: python insgen.py --data pokemon --res 256 --cfg auto --no-insgen
@@ -64,9 +80,14 @@ Samples:   python eval.py ... (Sampler: truncation --psi, style_mix); --mix-grid
 CPU toy:   python insgen.py --data digits --res 16 --cfg auto --cbase 512 --cmax 64 --batch 32 --gamma 0.05 --iters 3000
            (--gamma 0.05: the cfg-auto heuristic 0.0002*16^2/32 = 0.0016 let plain ADA collapse to one shape on
            digits at this size; FID and samples of this command: README, Results)
-Benchmark: python insgen.py --bench 16 --res 256 --cfg auto  (s/iter and s/kimg with and without InsGen on random
-           images, no files; 16 iterations = one full lazy-regularization cycle; measured: README. InsGen adds 3 D
-           fwd+bwd, 3 D' fwd, 1 G fwd and 6 augmentations per iteration)
+Benchmark: python insgen.py --bench 16 --res 256 --cfg auto  (s/iter and s/kimg of InsGen, InsGen --query shared and
+           plain ADA side by side on random images, no files; 16 iterations = one full lazy-regularization cycle.
+           InsGen adds 3 D fwd+bwd, 3 D' fwd, 1 G fwd and 6 augmentations per iteration, --query shared 3 D' fwd,
+           1 G fwd and 3 augmentations.) Measured on a 2-core CPU shared with other jobs (load average 3-5),
+           OMP_NUM_THREADS=1, fp32, batch 16, cbase 2048, cmax 128, medians of 16-iteration blocks:
+           OMP_NUM_THREADS=1 python insgen.py --bench 64 --res 32 --cfg auto --batch 16 --cbase 2048 --cmax 128
+             32 px: InsGen 2.02 s/it (1.86x ADA), --query shared 1.52 (1.40x), ADA 1.09;
+           the same with --bench 48 --res 64: InsGen 5.72 s/it (1.92x), shared 3.97 (1.33x), ADA 2.98.
 """
 import argparse
 import copy
@@ -124,6 +145,10 @@ def parse_args(argv=None):
                    help="random horizontal flips of the real images (off by default, as NVIDIA's and the authors' "
                         "--mirror; the paper's experiments use it)")
     g.add_argument("--no-insgen", action="store_true", help="plain StyleGAN2-ADA (no instance discrimination)")
+    g.add_argument("--query", choices=["separate", "shared"], default="separate",
+                   help="InsGen queries: separate D passes on their own augmentation draws (the authors' code) or "
+                        "shared: the features of the adversarial passes (the paper's reading, ~1.3x ADA's passes "
+                        "instead of ~1.9x)")
     g.add_argument("--grid-noise", choices=["random", "const"], default="random",
                    help="noise of the training sample grids: random (seeded by the fixed latents, what the metrics see) "
                         "or const (the learned constant maps, NVIDIA's grids)")
@@ -227,14 +252,14 @@ class InsGenModule(nn.Module):
         for h in heads or ("real", "fake"):
             ema_update(getattr(self, h + "_m"), getattr(self, h), m)
 
-    def contrast(self, kind, feat, key_img, D_m, aug):
+    def contrast(self, kind, feat, key_feat):
         """InfoNCE (eq. 4) of the query phi(feat) (`kind` 'real' or 'fake': phi_r or phi_f; feat = D's features of the
-        query view, with gradient) against the positive key phi_m(D'(aug(key_img))) and the kind's queue of negatives;
-        the momentum head is updated right before its key. Returns (loss, key)."""
+        query view, with gradient) against the positive key phi_m(key_feat) (key_feat = D'(another view), no gradient)
+        and the kind's queue of negatives; the momentum head is updated right before its key. Returns (loss, key)."""
         q = getattr(self, kind)(feat)
         with torch.no_grad():
             self.momentum_update(kind)
-            k = getattr(self, kind + "_m")(D_m(aug(key_img), feat_only=True))
+            k = getattr(self, kind + "_m")(key_feat)
         return infonce(q, k, getattr(self, kind + "_q").keys.clone()), k
 
 
@@ -750,8 +775,10 @@ def step_opt(opt, params, world):
 def train_step(G, D, opt_G, opt_D, real, args, it, pl_mean, ada=None, ins=None, D_ema=None, opt_Hr=None, opt_Hf=None,
                world=1):
     """Iteration `it` (0-based; it fixes the lazy-regularization and ADA phases): Gmain, [Gpl], Dmain, [Dr1] (each its
-    own backward + step), then D' (0.999) and ADA. ins, D_ema (D'), opt_Hr, opt_Hf: InsGen (None: plain StyleGAN2-ADA);
-    ada: None for --aug noaug; pl_mean: the path-length running mean (updated in place). Returns detached losses."""
+    own backward + step; Dmain back-propagates its fake adversarial graph first unless --query shared), then D'
+    (0.999) and ADA. ins, D_ema (D'), opt_Hr, opt_Hf: InsGen (None: plain StyleGAN2-ADA), args.query: where its
+    queries come from; ada: None for --aug noaug; pl_mean: the path-length running mean (updated in place). Returns
+    detached losses."""
     amp, dev = args.amp, real.device
     aug = ada.pipe if ada is not None else (lambda x: x)
     B = real.shape[0]
@@ -763,11 +790,14 @@ def train_step(G, D, opt_G, opt_D, real, args, it, pl_mean, ada=None, ins=None, 
     opt_G.zero_grad(set_to_none=True)
     with autocast(real.device, amp):
         img, _ = run_G(G, z_main)
-        logits, _ = D(aug(img))
+        logits, feat = D(aug(img))
         loss = F.softplus(-logits).mean()
         L["loss_G"] = loss.detach()
         if ins is not None:  # eq. 9, C_G^f: gradient into G through the query (head, D frozen); key: D'(another view)
-            cl_g, _ = ins.contrast("fake", D(aug(img), feat_only=True), img.detach(), D_ema, aug)
+            q = feat if args.query == "shared" else D(aug(img), feat_only=True)  # shared: the adversarial view's
+            with torch.no_grad():
+                k = D_ema(aug(img.detach()), feat_only=True)
+            cl_g, _ = ins.contrast("fake", q, k)
             L["cl_G"] = cl_g.detach()
             loss = loss + LAMBDA_G * cl_g
     loss.backward()
@@ -796,25 +826,37 @@ def train_step(G, D, opt_G, opt_D, real, args, it, pl_mean, ada=None, ins=None, 
         opt_Hf.zero_grad(set_to_none=True)
         for p in ins.trainable():
             p.requires_grad_(True)
+    shared = ins is not None and args.query == "shared"
     with autocast(real.device, amp):
         with torch.no_grad():
             img, _ = run_G(G, z_d)
-        logits_f, _ = D(aug(img))
-        logits_r, _ = D(aug(real))
+        logits_f, feat_f = D(aug(img))
+        loss_f = F.softplus(logits_f).mean()
+    if not shared:  # as the authors: the fake graph goes first (at most 3 batch-B D graphs alive, not 4)
+        loss_f.backward()
+    with autocast(real.device, amp):
+        logits_r, feat_r = D(aug(real))
         if ada is not None:
             ada.accumulate(logits_r)
-        loss = F.softplus(logits_f).mean() + F.softplus(-logits_r).mean()
-        L["loss_D"] = loss.detach()
-        if ins is not None:  # queries: D's features of a new view of x and of G(z), with gradient into D and heads
-            f_r, f_f = D(aug(real), feat_only=True), D(aug(img), feat_only=True)
-            cl_r, k_r = ins.contrast("real", f_r, real, D_ema, aug)  # eq. 5, C_D^r: the key is another view of x
-            with torch.no_grad():  # eq. 6: the perturbed positive, a G pass of its own (own mixing draw, moves w_avg)
+        loss = F.softplus(-logits_r).mean()
+        L["loss_D"] = (loss_f + loss).detach()
+        if ins is not None:  # queries: D's features of a view of x and of G(z), with gradient into D and heads
+            if shared:  # the views the adversarial passes just scored
+                f_r, f_f = feat_r, feat_f
+            else:  # new views, one 2B pass: the features are taken before minibatch-std, nothing mixes samples
+                f_r, f_f = D(torch.cat([aug(real), aug(img)]), feat_only=True).split(B)
+            with torch.no_grad():  # keys, one 2B D' pass: another view of x (eq. 5) and of the perturbed positive
+                v_r = aug(real)  # (eq. 6: G(z + 0.15 eps), a G pass of its own: own mixing draw, moves w_avg)
                 img_pos, _ = run_G(G, z_d + PERTURB_STD * torch.randn_like(z_d))
-            cl_f, _ = ins.contrast("fake", f_f, img_pos, D_ema, aug)  # eq. 7, C_D^f: the key is G(z + 0.15 eps)
+                kf_r, kf_f = D_ema(torch.cat([v_r, aug(img_pos)]), feat_only=True).split(B)
+            cl_r, k_r = ins.contrast("real", f_r, kf_r)  # eq. 5, C_D^r
+            cl_f, _ = ins.contrast("fake", f_f, kf_f)  # eq. 7, C_D^f
             with torch.no_grad():  # the fake queue: the momentum fake head on the queries (authors' update_q)
                 enq_f = ins.fake_m(f_f.detach())
             L["cl_real"], L["cl_fake"] = cl_r.detach(), cl_f.detach()
             loss = loss + LAMBDA_REAL * cl_r + LAMBDA_FAKE * cl_f
+        if shared:  # the fake adversarial graph holds the fake query: one backward for both
+            loss = loss + loss_f
     loss.backward()
     step_opt(opt_D, D.parameters(), world)
     if ins is not None:
@@ -862,6 +904,9 @@ def ema_beta(args, it):
 # EMA, progress, Ctrl-C, samples, evaluation, checkpoint), then last.pt and the style-mixing grid.
 def check_args(args):
     """Every flag (the --cfg table fills the unset ones), before any data is read or network built."""
+    if args.compile:
+        raise UserError("--compile is not supported by insgen.py: R1 (D) and path-length regularization (G) need "
+                        "double backward, which torch.compile's autograd does not support; run without it")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     resolve_cfg(args, world)
     per_rank = args.batch // world
@@ -869,10 +914,10 @@ def check_args(args):
         raise UserError(f"per-process batch {per_rank} is not a multiple of the minibatch-std group --mbstd {args.mbstd}")
 
 
-def lazy_adam(params, lr, every):
-    """Lazy regularization (StyleGAN2 App. B): lr * k/(k+1), betas ** (k/(k+1))."""
+def lazy_adam(params, lr, every, fused=False):
+    """Lazy regularization (StyleGAN2 App. B): lr * k/(k+1), betas ** (k/(k+1)). fused: one kernel per step (CUDA)."""
     r = every / (every + 1)
-    return torch.optim.Adam(params, lr=lr * r, betas=(0.0 ** r, 0.99 ** r), eps=1e-8)
+    return torch.optim.Adam(params, lr=lr * r, betas=(0.0 ** r, 0.99 ** r), eps=1e-8, fused=fused)
 
 
 def build(args, device, n_data, world=1):
@@ -883,8 +928,9 @@ def build(args, device, n_data, world=1):
     torch.manual_seed(args.seed)
     G = Generator(args.res, args.cbase, args.cmax, args.map).to(device)
     D = Discriminator(args.res, args.cbase, args.cmax, args.mbstd).to(device)
-    opt_G = lazy_adam(G.parameters(), args.lr, G_REG_EVERY)
-    opt_D = lazy_adam(D.parameters(), args.lr, D_REG_EVERY)
+    fused = torch.device(device).type == "cuda"  # fused Adam on CUDA (CPU keeps the for-each Adam)
+    opt_G = lazy_adam(G.parameters(), args.lr, G_REG_EVERY, fused)
+    opt_D = lazy_adam(D.parameters(), args.lr, D_REG_EVERY, fused)
     ada = ADA(AugmentPipe().to(device), args.target, args.ada_kimg, args.ada_linear) if args.aug == "ada" else None
     ins = D_ema = opt_Hr = opt_Hf = None
     if not args.no_insgen:
@@ -894,8 +940,8 @@ def build(args, device, n_data, world=1):
         D_ema = make_ema(D)
         # the authors' training_loop: the real head's Adam takes D's settings (lazy ratio 16/17), the fake head's G's
         # (ratio 4/5, although it steps in the D phase with no regularization phase of its own)
-        opt_Hr = lazy_adam(ins.real.parameters(), args.lr, D_REG_EVERY)
-        opt_Hf = lazy_adam(ins.fake.parameters(), args.lr, G_REG_EVERY)
+        opt_Hr = lazy_adam(ins.real.parameters(), args.lr, D_REG_EVERY, fused)
+        opt_Hf = lazy_adam(ins.fake.parameters(), args.lr, G_REG_EVERY, fused)
     G.requires_grad_(False)
     D.requires_grad_(False)
     if world > 1:
@@ -945,31 +991,54 @@ def upgrade_state(ck, path, ada, ins, opt_Hr, opt_Hf):
     return ck
 
 
+def bench_model(a, device, batch, world):
+    """One model of --bench, built as run() builds it (queue for 2k images) on a fixed random batch: returns step(),
+    which runs its next iteration (0, 1, ...) and the G EMA."""
+    G, D, opt_G, opt_D, ada, ins, D_ema, opt_Hr, opt_Hf = build(a, device, 2000, world)
+    G_ema, pl_mean = make_ema(G), torch.zeros([], device=device)
+    real = torch.rand(batch, 3, a.res, a.res, device=device) * 2 - 1
+    its = iter(range(1 << 62))
+
+    def step():
+        it = next(its)
+        train_step(G, D, opt_G, opt_D, real, a, it, pl_mean, ada, ins, D_ema, opt_Hr, opt_Hf, world)
+        ema_update(G_ema, G, ema_beta(a, it))
+    return step
+
+
+BENCH = {"insgen": (False, "separate"), "insgen --query shared": (False, "shared"), "ada (--no-insgen)": (True, "separate")}
+
+
 def bench(args):
-    """--bench N: seconds per iteration and per kimg (train_step + EMA) on a random batch at --res/--batch, with and
-    without InsGen (N = 16: one full lazy-regularization cycle); writes nothing."""
+    """--bench N: seconds per iteration and per kimg (train_step + EMA) on a random batch at --res/--batch, side by
+    side for InsGen (--query separate), InsGen --query shared and plain ADA (--no-insgen). After one warm-up iteration
+    each (iteration 0: both regularizations) the three take turns in blocks of min(N, 16) iterations until each has
+    run N (16 = one lazy-regularization cycle: 4 path-length passes, 1 R1); s/iter = the median over blocks of the
+    block's mean, so a burst of other work on the machine hits all three alike. Writes nothing; returns
+    {variant: s/iter}."""
     dist_ = Dist(args.device)
     device, batch = dist_.device, dist_.per_rank_batch(args.batch)
-    sec = {}
-    for insgen in (True, False):
+    steps = {}
+    for name, (no_insgen, query) in BENCH.items():
         a = copy.copy(args)
-        a.no_insgen = not insgen
-        G, D, opt_G, opt_D, ada, ins, D_ema, opt_Hr, opt_Hf = build(a, device, 2000, dist_.world)  # queue: 2k images
-        G_ema, pl_mean = make_ema(G), torch.zeros([], device=device)
-        real = torch.rand(batch, 3, a.res, a.res, device=device) * 2 - 1
-        its = iter(range(a.bench + 1))  # iteration 0 (warm-up, both regularizations), then 1..N
-
-        def step():
-            it = next(its)
-            train_step(G, D, opt_G, opt_D, real, a, it, pl_mean, ada, ins, D_ema, opt_Hr, opt_Hf, dist_.world)
-            ema_update(G_ema, G, ema_beta(a, it))
-
-        sec[insgen] = sum(time_steps(step, a.bench, device)[1:]) / a.bench
-        if dist_.is_main:
-            print(f"bench: {device} res {a.res} batch {a.batch} cbase {a.cbase} insgen {'on ' if insgen else 'off'}: "
-                  f"{sec[insgen]:.3f} s/iter, {sec[insgen] * 1000 / a.batch:.1f} s/kimg", flush=True)
+        a.no_insgen, a.query = no_insgen, query
+        steps[name] = bench_model(a, device, batch, dist_.world)
+        time_steps(steps[name], 0, device)  # warm-up
+    block = min(args.bench, D_REG_EVERY)
+    means = {name: [] for name in steps}
+    for _ in range(math.ceil(args.bench / block)):
+        for name, step in steps.items():
+            means[name].append(sum(time_steps(step, block - 1, device)) / block)  # block calls
+    sec = {name: float(np.median(m)) for name, m in means.items()}
     if dist_.is_main:
-        print(f"bench: InsGen overhead {100 * (sec[True] / sec[False] - 1):.0f}%", flush=True)
+        ada_s = sec["ada (--no-insgen)"]
+        load = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+        print(f"bench: {device} x{dist_.world} res {args.res} batch {args.batch} cbase {args.cbase} cmax {args.cmax} "
+              f"{'amp' if args.amp else 'fp32'}, {torch.get_num_threads()} threads, medians of "
+              f"{len(means[name])} blocks of {block} iterations, load average at the end {load}", flush=True)
+        for name, s in sec.items():
+            print(f"bench: {name:<22} {s:.3f} s/iter {s * 1000 / args.batch:7.1f} s/kimg  {s / ada_s:.2f}x ADA",
+                  flush=True)
     return sec
 
 

@@ -443,6 +443,102 @@ def test_perturbed_positive_is_its_own_G_pass(monkeypatch):
     assert not any(torch.equal(zs[i], zs[j]) for i in range(3) for j in range(i + 1, 3))  # 3 independent draws
 
 
+def one_step(*flags, record=None):
+    """One iteration (it 1: Gmain + Dmain, no regularization) of the tiny model in fp64 with ADA p 0.3, fixed
+    seeds. Returns the losses and fingerprints [norm, two fixed random projections] of the gradients it leaves in G,
+    D and the two heads and of the two queues after the push. record(m) runs before the step (to set up hooks)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        a, m = tiny_model(*flags)
+        m.ada.pipe.p = 0.3
+        if record is not None:
+            record(m)
+        torch.manual_seed(1)
+        L = train_step(m, a, torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1, 1)
+    finally:
+        torch.set_default_dtype(old)
+    gen = torch.Generator().manual_seed(0)
+
+    def fingerprint(ts):
+        v = torch.cat([t.flatten().double() for t in ts])
+        return [v.norm().item(), *(torch.randn(2, v.numel(), generator=gen, dtype=torch.float64) @ v).tolist()]
+
+    grads = lambda mod: [p.grad if p.grad is not None else torch.zeros_like(p) for p in mod.parameters()]  # noqa: E731
+    out = {k: float(v) for k, v in L.items()}
+    for name, mod in (("G", m.G), ("D", m.D), ("head_real", m.ins.real), ("head_fake", m.ins.fake)):
+        out["grad_" + name] = fingerprint(grads(mod))
+    out["queues"] = fingerprint([m.ins.real_q.keys, m.ins.fake_q.keys])
+    return out, m
+
+
+# one_step() of insgen.py before the D main phase batched its InsGen passes (one 2B D call for the two queries, one
+# 2B D' call for the two keys) and back-propagated the fake adversarial graph first (commit cc32760, torch 2.14 CPU)
+ONE_STEP_BEFORE = {
+    "loss_G": 0.853612042298175, "cl_G": 0.06636467576026917, "loss_D": 1.4179395196795983,
+    "cl_real": 0.051837313920259476, "cl_fake": 0.04260973259806633, "p": 0.3,
+    "grad_G": [0.6335288608559487, 0.8257433791023129, 0.7147121991666917],
+    "grad_D": [0.6779375211998533, 0.23820637038947484, -0.2549866735111565],
+    "grad_head_real": [0.4374357842116017, 0.016365506185323155, -0.03337334001108],
+    "grad_head_fake": [0.34006190723935587, -0.4171092521275881, -0.5843755089396743],
+    "queues": [3.1622776601683795, 2.7649590812223392, -0.6268776687512886]}
+
+
+def test_batched_insgen_passes_keep_the_math():
+    """--query separate (default): the same losses, gradients (G, D, both heads) and queues as the unbatched code
+    (ONE_STEP_BEFORE) to 1e-5 relative: the same random draws in the same order, the query and key passes only
+    concatenated (no op before minibatch-std mixes samples) and summed gradients only re-associated. Without the
+    InsGen terms in D's loss its gradient fingerprint moves by 2-40 %, so the D-side InfoNCE gradients are pinned too."""
+    out, _ = one_step()
+    assert out.keys() == ONE_STEP_BEFORE.keys()
+    for k, ref in ONE_STEP_BEFORE.items():
+        if isinstance(ref, list):  # [norm, projection, projection]: projections to 1e-5 of the norm
+            assert out[k] == pytest.approx(ref, rel=1e-5, abs=1e-5 * ref[0]), k
+        else:
+            assert out[k] == pytest.approx(ref, rel=1e-5), k
+
+
+@pytest.mark.parametrize("query", ["separate", "shared"])
+def test_query_passes(query):
+    """Passes of one iteration without regularization (spec 'Passes per phase'), batch B = 4. separate: D runs the
+    Gmain logits + query, the Dmain fake and real logits and one 2B pass for both queries (feat_only); D' one B pass
+    (Gmain key) and one 2B pass (Dmain keys); 9 ADA calls. shared (--query shared): the head queries are the very
+    feature tensors the 3 adversarial passes return (same augmentation draw as the logits), D' as before, 6 ADA
+    calls; losses finite."""
+    calls = {"D": [], "D_ema": [], "aug": 0, "real": [], "fake": []}
+
+    def record(m):
+        def on_d(name):
+            return lambda mod, args, kwargs, out: calls[name].append((args[0].shape[0], kwargs.get("feat_only", False), out))
+        m.D.register_forward_hook(on_d("D"), with_kwargs=True)
+        m.D_ema.register_forward_hook(on_d("D_ema"), with_kwargs=True)
+        m.ada.pipe.register_forward_hook(lambda *a: calls.__setitem__("aug", calls["aug"] + 1))
+        for kind in ("real", "fake"):
+            getattr(m.ins, kind).register_forward_pre_hook(lambda mod, args, kind=kind: calls[kind].append(args[0]))
+
+    out, m = one_step("--query", query, record=record)
+    assert all(math.isfinite(v) for k, v in out.items() if k.startswith(("loss", "cl")))
+    shapes = [(n, f) for n, f, _ in calls["D"]]
+    assert [(n, f) for n, f, _ in calls["D_ema"]] == [(4, True), (8, True)]
+    full = [o[1] for _, f, o in calls["D"] if not f]  # the features of the adversarial passes: Gmain, Dmain fake, real
+    if query == "separate":
+        assert shapes == [(4, False), (4, True), (4, False), (4, False), (8, True)] and calls["aug"] == 9
+        assert not any(q is f for q in calls["fake"] + calls["real"] for f in full)
+    else:
+        assert shapes == [(4, False), (4, False), (4, False)] and calls["aug"] == 6
+        assert len(calls["fake"]) == 2 and len(calls["real"]) == 1
+        assert calls["fake"][0] is full[0] and calls["fake"][1] is full[1] and calls["real"][0] is full[2]
+    assert out["grad_head_real"][0] > 0 and out["grad_head_fake"][0] > 0 and out["grad_D"][0] > 0
+
+
+def test_bench_runs_the_three_variants_side_by_side(capsys):
+    sec = I.main(["--bench", "2", "--res", "16", "--cfg", "auto", "--cbase", "128", "--cmax", "16", "--batch", "4"])
+    assert list(sec) == list(I.BENCH) and all(s > 0 for s in sec.values())
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("bench:")]
+    assert len(lines) == 4 and "medians of 1 blocks of 2 iterations" in lines[0] and "fp32" in lines[0]
+    assert lines[-1].startswith("bench: ada (--no-insgen)") and lines[-1].endswith("1.00x ADA")
+
+
 def test_queue_length_and_mirror_defaults():
     """Authors' train.py: int(0.05 n), x2 with --mirror (default off, as NVIDIA's); at least 1 before the x2."""
     assert [I.default_queue(n, False) for n in (2000, 1797, 70000, 39, 19, 1)] == [100, 89, 3500, 1, 1, 1]
@@ -595,3 +691,11 @@ def test_learns_digits(tmp_path):
     d_fake = (fake.mean(0) - real.mean(0)).abs().mean().item()
     d_init = (init.mean(0) - real.mean(0)).abs().mean().item()
     assert d_fake < 0.6 * d_init, (d_fake, d_init)
+
+
+def test_compile_is_refused_with_one_line(tmp_path):
+    """--compile (a common flag) cannot work here: R1 and path length need double backward through D and G."""
+    with pytest.raises(UserError) as e:  # insgen's main raises; __main__ prints the one line and exits 2
+        I.main(["--compile", "--data", "digits", "--res", "16", "--iters", "1", "--out", str(tmp_path / "run")])
+    assert "--compile is not supported" in str(e.value) and "double backward" in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
