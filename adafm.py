@@ -97,7 +97,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import batch_indices, infinite_batches, list_images, load_dataset, resolve_folder
+from common.data import batch_indices, infinite_batches, list_images, load_dataset, resolve_folder, to_device
 from common.ema import ema_update, make_ema
 from common.metrics import training_evaluator
 from common.utils import (Dist, Progress, SamplerBase, SetupInterrupt, StopOnInterrupt, UserError, add_common_args,
@@ -606,8 +606,8 @@ def labelled_batches(ds, labels, args, batch, start, dist):
                           world=dist.world, workers=args.workers, device=dist.device)
     for it in itertools.count(start):
         x = next(xs)
-        y = None if labels is None else labels[batch_indices(len(ds), batch, args.seed, it, dist.rank,
-                                                             dist.world)].to(dist.device)
+        y = None if labels is None else to_device(labels[batch_indices(len(ds), batch, args.seed, it, dist.rank,
+                                                                       dist.world)], dist.device)
         yield (x.contiguous(memory_format=torch.channels_last) if dist.device.type == "cuda" else x), y
 
 

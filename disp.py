@@ -129,7 +129,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import _SpectralNorm as TorchSN, spectral_norm
 
-from common.data import batch_indices, infinite_batches, load_dataset, load_image, Dataset, ImageFiles
+from common.data import batch_indices, infinite_batches, load_dataset, load_image, to_device, Dataset, ImageFiles
 from common.diffaug import check_policy, diff_augment
 from common.ema import ema_update, make_ema
 from common.metrics import dataset_fingerprint, sha256_file, training_evaluator
@@ -861,8 +861,8 @@ def prior_batches(ds, priors, args, batch, start, dist):
     xs = infinite_batches(ds, batch, args.seed, start * args.d_steps, not args.no_flip, dist.rank, dist.world,
                           args.workers, dist.device)
     for it in itertools.count(start):
-        yield [(next(xs), priors[batch_indices(len(ds), batch, args.seed, it * args.d_steps + t, dist.rank,
-                                               dist.world).to(dist.device)]) for t in range(args.d_steps)]
+        yield [(next(xs), priors[to_device(batch_indices(len(ds), batch, args.seed, it * args.d_steps + t, dist.rank,
+                                                         dist.world), dist.device)]) for t in range(args.d_steps)]
 
 
 def build(args, prior_dim, device):
