@@ -740,7 +740,6 @@ class Sampler(SamplerBase):
     noise=const (sampler option): one fixed map per noise layer, shared by all samples (common.utils.FixedNoise;
     what eval.py --export bakes in)."""
     export_opts = {"noise": "const"}
-    batch_independent = True
 
     def __init__(self, G, res, device, mix_block=1, noise="random"):
         self.G, self.res, self.device, self.mix_block = G.eval(), res, torch.device(device), mix_block

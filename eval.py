@@ -228,13 +228,15 @@ def parse_seeds(text, flag="--seeds"):
 
 
 def batch_independent(sampler):
-    """Whether sampler.generate gives each latent the image it gets alone, whatever the other latents of the call.
-    A sampler may say so itself (attribute batch_independent); else: not with batch-statistic BatchNorm (bn=batch:
-    fastgan, disp) nor with insgen's noise=random (one noise seed per generate() call, from all its latents)."""
-    said = getattr(sampler, "batch_independent", None)
-    if said is not None:
-        return bool(said)
-    return getattr(sampler, "bn", None) != "batch" and getattr(sampler, "noise", None) != "random"
+    """Whether sampler.generate gives each latent the image it gets alone (SamplerBase.batch_independent, which
+    batch-statistic BatchNorm and insgen's noise=random override)."""
+    return bool(sampler.batch_independent)
+
+
+def require_batch_independent(sampler, flag):
+    if not batch_independent(sampler):
+        raise UserError(f"{flag} needs images that depend on their own latent only: not BatchNorm with batch "
+                        "statistics (use --sampler-opt bn=recompute or bn=copy)")
 
 
 def seed_latents(sampler, seeds):
@@ -329,9 +331,7 @@ def export_generator(sampler, path, meta):
     export.json. Returns (path, the check's max abs difference)."""
     import warnings
     sampler.export_check()
-    if not batch_independent(sampler):
-        raise UserError("--export needs images that depend on their own latent only: not BatchNorm with batch "
-                        "statistics (use --sampler-opt bn=recompute or bn=copy)")
+    require_batch_independent(sampler, "--export")
     noise = str(getattr(sampler, "noise", "none"))
     doc = sampler.latent_doc() + (f"; noise={noise} baked in (the images of eval.py --sampler-opt noise={noise})"
                                   if noise != "none" else "")
@@ -481,9 +481,7 @@ def projections(args, mod, ckpt, ckpt_args, sampler, opts, device, res, out, tag
     """--project IMAGE... and --mem-project N: returns the files written."""
     p_opts = export_opts(mod, opts, "--project")
     ps = sampler if p_opts == opts else load_sampler(mod, ckpt, device, p_opts)
-    if not batch_independent(ps):
-        raise UserError("--project needs images that depend on their own latent only: not BatchNorm with batch "
-                        "statistics (use --sampler-opt bn=recompute or bn=copy)")
+    require_batch_independent(ps, "--project")
     lp, lp_src = find_lpips(args.vgg_weights, args.lpips_weights)
     if lp is not None:
         lp = lp.to(device)

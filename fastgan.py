@@ -714,10 +714,6 @@ class Sampler(SamplerBase):
         if bn == "recompute":
             recompute_bn_stats(G, self.latents(BN_N, BN_SEED), self._forward_with_noise, BN_CHUNK)
 
-    @property
-    def batch_independent(self):  # per-sample noise: only batch-statistic BN ties images to their batch
-        return self.bn != "batch"
-
     def latent_doc(self):
         return f"z [n, {self.nz}] ~ N(0, I) (float32)"
 

@@ -1152,6 +1152,10 @@ class Sampler(SamplerBase):
             raise UserError(f"sampler option noise={noise}: use random or const")
         self.G, self.device, self.psi, self.res, self.noise = G.eval(), torch.device(device), psi, G.res, noise
 
+    @property
+    def batch_independent(self):  # noise=random: one noise seed per generate() call, from all its latents
+        return self.noise != "random"
+
     def latents(self, n, seed):
         return torch.randn(n, Z_DIM, generator=torch.Generator().manual_seed(seed)).to(self.device)
 

@@ -638,6 +638,14 @@ class SamplerBase:
     proj_space = "z"  # what eval.py --project optimises (proj_init's kind), for its outputs
     _grad = False
 
+    @property
+    def batch_independent(self):
+        """Whether generate() gives each latent the image it gets alone, whatever the other latents of the call
+        (eval.py --save-images / --gif batch only then; --export / --project need it). Not with bn=batch (BatchNorm
+        with each call's statistics, BN_MODES); a method whose images depend on their batch companions otherwise
+        (insgen's noise=random: one noise seed per call) overrides this."""
+        return getattr(self, "bn", None) != "batch"
+
     def latents(self, n, seed):
         """[n, d] latent codes on the device, a deterministic function of `seed`."""
         raise NotImplementedError

@@ -16,13 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--data", "digits", "--res", "32", "--nf", "4", "--z-dim", "16", "--w-dim", "16", "--batch", "4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process steps on tiny models: one thread is faster and immune to CPU contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def run(args, check=True, timeout=120):

@@ -20,14 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--data", "digits", "--res", "32", "--ngf", "8", "--ndf", "8", "--batch", "4", "--seed", "3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process tests on one thread: the models here are tiny, and 2 OpenMP threads on a busy 2-core box run
-    them 5-10x slower (measured: the sampling tests 38 s -> 10 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def run_cli(*args, check=True):

@@ -41,11 +41,9 @@ class FakeWriter:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def closed_tensorboard(one_thread):
+    """One thread (conftest.py); the module-level TensorBoard writer closed after each test."""
     yield
-    torch.set_num_threads(n)
     U.close_tensorboard()
 
 
