@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -501,14 +502,26 @@ class PerSampleNoise:
     in the same order for every batch, so each sample's noise depends on its own seed only: no two samples share a
     noise map, and the batch size does not change any image."""
 
+    PARALLEL_MIN = 1 << 20  # maps of at least this many values are drawn by torch.get_num_threads() threads
+
     def __init__(self, seeds):
         self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     def __call__(self, x):
         if x.shape[0] != len(self.gens):
             raise RuntimeError(f"PerSampleNoise made for {len(self.gens)} samples got a batch of {x.shape[0]}")
-        maps = torch.stack([torch.randn(1, *x.shape[2:], generator=g) for g in self.gens])
-        return maps.to(device=x.device, dtype=x.dtype)
+        # drawn on the CPU (the same maps on every device), into pinned memory for an asynchronous copy to a GPU;
+        # large batches of large maps (1024 px sampling) in parallel threads, one generator per row: the same values
+        maps = torch.empty(len(self.gens), 1, *x.shape[2:], pin_memory=x.device.type == "cuda")
+        draw = lambda i: torch.randn(maps.shape[1:], generator=self.gens[i], out=maps[i])  # noqa: E731
+        threads = min(torch.get_num_threads(), len(self.gens))
+        if threads > 1 and maps.numel() >= self.PARALLEL_MIN:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(draw, range(len(self.gens))))
+        else:
+            for i in range(len(self.gens)):
+                draw(i)
+        return maps.to(device=x.device, dtype=x.dtype, non_blocking=True)
 
 
 @functools.lru_cache(maxsize=512)

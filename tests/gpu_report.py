@@ -1,13 +1,14 @@
 """Speed report for a GPU machine: every method's --bench at its paper configuration, fp32 vs --amp (FastGAN also
 channels-last on/off), s/iteration, s/kimg and peak GPU memory, with the GPU's name and the torch/CUDA versions.
 
-    python tests/gpu_report.py --out gpu-report          # ~4-5 min on one H100/H200-class GPU
+    python tests/gpu_report.py --out gpu-report          # ~6-8 min on one H200 (2026-11-30: the FastGAN rows and
+                                                         # InsGen auto fp32, at 32 iterations then, took 300 s)
     python tests/gpu_report.py --out /tmp/r --quick      # the same code at toy sizes (CPU: ~1 min)
 
 Writes <out>/gpu_report.json and <out>/gpu_report.md. Each row calls the script's own bench(args) in this process
 (the function behind `--bench N`: a fixed random batch, no data, no files; one warm-up iteration excluded):
-FastGAN reports the median over N iterations, InsGen the median of 16-iteration block means for InsGen,
-InsGen --query shared and ADA (--no-insgen) side by side, AdaFM and DISP the mean. Anchors printed with the table:
+FastGAN reports the median over N iterations, InsGen the median of 16-iteration block means (one block at N = 16)
+for InsGen, InsGen --query shared and ADA (--no-insgen) side by side, AdaFM and DISP the mean. Anchors printed with the table:
 FastGAN 256 px batch 8 took 0.36 s/iteration on one RTX 2080 Ti (paper: 1 h per 10k iterations); StyleGAN2-ADA
 `--cfg auto` at 256 px on one A100 takes 12.5 s/kimg (its README).
 """
@@ -28,7 +29,7 @@ sys.path.insert(0, ROOT)
 PAPER = [
     ("fastgan 1024 px, batch 8", "fastgan", ["--res", "1024", "--batch", "8"], 20),
     ("fastgan 256 px, batch 8 (paper's speed anchor)", "fastgan", ["--res", "256", "--batch", "8"], 20),
-    ("insgen auto 256 px, batch 16 (1-GPU auto)", "insgen", ["--cfg", "auto", "--res", "256"], 32),
+    ("insgen auto 256 px, batch 16 (1-GPU auto)", "insgen", ["--cfg", "auto", "--res", "256"], 16),
     ("insgen paper256 256 px, batch 32", "insgen", ["--cfg", "paper256", "--res", "256", "--batch", "32"], 16),
     ("adafm 128 px, batch 16", "adafm", ["--res", "128", "--batch", "16"], 20),
     ("disp 128 px, batch 25, 4 D steps", "disp", ["--res", "128", "--batch", "25", "--prior-weights", "random"], 10),
@@ -127,13 +128,19 @@ def main(argv=None):
             for g in got:
                 rows.append({"config": config, "method": method, "precision": precision, "channels_last": cl,
                              "peak_gib": peak, "wall_s": wall, **g})
-    with open(os.path.join(a.out, "gpu_report.json"), "w") as f:
-        json.dump({"environment": env, "rows": rows}, f, indent=1)
-    md = markdown(env, rows)
-    with open(os.path.join(a.out, "gpu_report.md"), "w") as f:
-        f.write(md)
+            md = write(a.out, env, rows)  # after every row: a run cut short by a time limit keeps what it measured
+    md = write(a.out, env, rows)
     print(md, flush=True)
     return rows
+
+
+def write(out, env, rows):
+    with open(os.path.join(out, "gpu_report.json"), "w") as f:
+        json.dump({"environment": env, "rows": rows}, f, indent=1)
+    md = markdown(env, rows)
+    with open(os.path.join(out, "gpu_report.md"), "w") as f:
+        f.write(md)
+    return md
 
 
 if __name__ == "__main__":

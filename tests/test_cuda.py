@@ -1,5 +1,5 @@
-"""The CUDA path of every method, for a machine with a GPU: `python -m pytest -q tests/test_cuda.py` (~3-5 min on one
-H100/H200-class card; `bash .ci/gpu` runs it together with the speed report in one call).
+"""The CUDA path of every method, for a machine with a GPU: `python -m pytest -q tests/test_cuda.py` (more than 4 min
+on one H200: on 2026-11-30 the fixtures and the first 5 tests took ~250 s; `bash .ci/gpu tests` runs it).
 
 Skipped without CUDA, so the CPU suite stays green. `GAN_TEST_CUDA_DEVICE=cpu` runs the same tests on the CPU at toy
 sizes (a dry run of this file's logic, ~2 min on 2 cores; CI does not run it).

@@ -221,3 +221,19 @@ def test_style_mix_grid_layout_and_bench_timer(tmp_path):
     assert len(times) == len(calls) == 4 and min(times) >= 0
     with pytest.raises(UserError, match="no style_mix"):
         save_style_mix(SamplerBase(), str(tmp_path / "x.png"))
+
+
+@pytest.mark.parametrize("n, size", [(5, 8), (8, 512)], ids=["serial", "threaded"])
+def test_per_sample_noise_rows_are_their_own_seeds_draws(n, size, monkeypatch):
+    """Row i of a PerSampleNoise map is exactly torch.randn from seeds[i]'s own generator, drawn serially for small
+    maps and by a thread pool for large ones (2^21 values here), and successive calls continue each row's stream."""
+    from common.utils import PerSampleNoise
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    seeds = [11 * i + 3 for i in range(n)]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    src, x = PerSampleNoise(seeds), torch.zeros(n, 4, size, size)
+    for _ in range(2):
+        want = torch.stack([torch.randn(1, size, size, generator=g) for g in gens])
+        assert torch.equal(src(x), want)
+    with pytest.raises(RuntimeError, match="made for"):
+        src(x[:1])
