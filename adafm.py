@@ -70,7 +70,8 @@ Deviations / choices (all visible in the code):
   when AdaFM switches on, so requires_grad toggling is safe; --amp is bf16 autocast; channels_last on CUDA.
 - CUDA speed: fused Adam (CUDA only; the CPU keeps the for-each Adam), cuDNN autotuner, the in-memory images kept on
   the GPU, pinned non-blocking copies, host syncs only at --log-every steps (common/); --compile (torch.compile)
-  takes G only: R1 differentiates D twice, which torch.compile's autograd does not support. Not yet measured on a GPU.
+  takes G only: R1 differentiates D twice, which torch.compile's autograd does not support. One H200: 128 px batch
+  16 0.148 s/iteration fp32, 0.137 --amp (README "Measured on one H200").
 - The generator has no buffers (no BatchNorm), so its EMA is an average of the parameters only.
 
 Run (from the repo root):
