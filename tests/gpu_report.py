@@ -8,7 +8,8 @@ channels-last on/off), s/iteration, s/kimg and peak GPU memory, with the GPU's n
 Writes <out>/gpu_report.json and <out>/gpu_report.md. Each row calls the script's own bench(args) in this process
 (the function behind `--bench N`: a fixed random batch, no data, no files; one warm-up iteration excluded):
 FastGAN reports the median over N iterations, InsGen the median of 16-iteration block means (one block at N = 16)
-for InsGen, InsGen --query shared and ADA (--no-insgen) side by side, AdaFM and DISP the mean. Anchors printed with the table:
+for InsGen, InsGen --query shared and ADA (--no-insgen) side by side, AdaFM and DISP the mean. Anchors printed with
+the table:
 FastGAN 256 px batch 8 took 0.36 s/iteration on one RTX 2080 Ti (paper: 1 h per 10k iterations); StyleGAN2-ADA
 `--cfg auto` at 256 px on one A100 takes 12.5 s/kimg (its README).
 """
@@ -124,12 +125,12 @@ def main(argv=None):
                              "precision": precision, "channels_last": cl, "s_per_iter": float("nan"),
                              "s_per_kimg": float("nan"), "batch": None, "peak_gib": None, "wall_s": None})
                 print(f"FAILED: {type(e).__name__}: {e}", flush=True)
-                continue
-            for g in got:
-                rows.append({"config": config, "method": method, "precision": precision, "channels_last": cl,
-                             "peak_gib": peak, "wall_s": wall, **g})
-            md = write(a.out, env, rows)  # after every row: a run cut short by a time limit keeps what it measured
-    md = write(a.out, env, rows)
+            else:
+                for g in got:
+                    rows.append({"config": config, "method": method, "precision": precision, "channels_last": cl,
+                                 "peak_gib": peak, "wall_s": wall, **g})
+            write(a.out, env, rows)  # after every row: a run cut short by a time limit keeps what it measured
+    md = write(a.out, env, rows)  # (also when --only selected nothing)
     print(md, flush=True)
     return rows
 
