@@ -3,6 +3,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -43,3 +44,24 @@ def one_line_error(capsys):
         assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
         return err
     return error
+
+
+# ---- learning-check controls (plain functions: `from conftest import colour_blobs, ...`)
+def colour_blobs(res, n=256, seed=0):
+    """Smooth colour blobs: uniform [-1, 1] noise at 4x4, bilinear to res x res. A learning check must fail on them."""
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.rand(n, 3, 4, 4, generator=g) * 2 - 1, size=res, mode="bilinear")
+
+
+def blob_sets(real, n=256):
+    """Four control sets at real's resolution: colour blobs, the same in grey, and both shifted/scaled to the pixel
+    mean/std of `real` (which a pixel mean/std statistic cannot tell from real images)."""
+    blobs = colour_blobs(real.shape[-1], n)
+    grey = blobs.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    return [blobs, grey] + [(b - b.mean()) / b.std() * real.std() + real.mean() for b in (blobs, grey)]
+
+
+def nearest_distance(x, ref):
+    """Mean over the images of x of the RMS pixel distance to the nearest image of ref (a digit-shaped sample is near
+    a digit)."""
+    return (torch.cdist(x.flatten(1), ref.flatten(1)).min(1).values.mean() / ref[0].numel() ** 0.5).item()

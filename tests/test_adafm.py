@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import adafm
 from common.utils import UserError, load_checkpoint
+from conftest import blob_sets, nearest_distance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--data", "digits", "--res", "32", "--nf", "4", "--z-dim", "16", "--w-dim", "16", "--batch", "4"]
@@ -370,18 +371,13 @@ def test_learning_check_transfer_draws_digit_like_samples(tmp_path):
             "--style-mix", "0", "--source", str(tmp_path / "src.pt")]
     from common.data import load_dataset
     x = load_dataset("digits", 32).images.float() / 127.5 - 1
-    near = x[:256].flatten(1)
 
     def stats(g):
-        nn = torch.cdist(g.flatten(1), near).min(1).values.mean() / (3 * 32 * 32) ** 0.5
-        return nn.item(), (abs(g.mean() - x.mean()) + abs(g.std() - x.std())).item()
+        return nearest_distance(g, x[:256]), (abs(g.mean() - x.mean()) + abs(g.std() - x.std())).item()
 
-    gen = torch.Generator().manual_seed(0)
-    blobs = F.interpolate(torch.rand(256, 3, 4, 4, generator=gen) * 2 - 1, size=32, mode="bilinear")
-    grey = blobs.mean(1, keepdim=True).expand(-1, 3, -1, -1)
-    matched = [(b - b.mean()) / b.std() * x.std() + x.mean() for b in (blobs, grey)]
-    blob_nn = min(stats(b)[0] for b in [blobs, grey] + matched)
-    assert max(stats(b)[1] for b in matched) < 1e-4   # pixel mean/std alone would pass these blobs
+    blobs = blob_sets(x)
+    blob_nn = min(stats(b)[0] for b in blobs)
+    assert max(stats(b)[1] for b in blobs[2:]) < 1e-4   # pixel mean/std alone would pass the matched blobs
     run(args + ["--iters", "0", "--out", str(tmp_path / "init")])
     run(args + ["--iters", "300", "--out", str(tmp_path / "trained")], timeout=600)
 

@@ -13,6 +13,7 @@ import torch
 import disp
 from common.data import Dataset, load_dataset
 from common.utils import UserError, load_checkpoint
+from conftest import colour_blobs, nearest_distance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--data", "digits", "--res", "32", "--ch", "4", "--batch", "8", "--d-steps", "2", "--prior-weights", "random",
@@ -818,11 +819,9 @@ def test_biggan32_learning_check_with_and_without_prior(tmp_path):
 
     def stats(x):
         pix = (x.mean(0) - real.mean(0)).pow(2).mean().sqrt() + (x.std(0) - real.std(0)).pow(2).mean().sqrt()
-        nn = torch.cdist(x.flatten(1), real.flatten(1)).min(1).values.mean() / (3 * 32 * 32) ** 0.5
-        return pix.item(), nn.item()
+        return pix.item(), nearest_distance(x, real)
 
-    g = torch.Generator().manual_seed(0)
-    blobs = torch.nn.functional.interpolate(torch.rand(256, 3, 4, 4, generator=g) * 2 - 1, size=32, mode="bilinear")
+    blobs = colour_blobs(32)
     grey = stats(blobs.mean(1, keepdim=True).expand(-1, 3, -1, -1))
 
     def ok(s, init):

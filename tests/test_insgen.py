@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import insgen as I  # noqa: E402
 from common.utils import UserError, load_state_dicts  # noqa: E402
+from conftest import blob_sets, nearest_distance  # noqa: E402
 
 TINY = ["--data", "digits", "--res", "32", "--cfg", "auto", "--cbase", "256", "--cmax", "32", "--batch", "4",
         "--workers", "0"]
@@ -692,18 +693,12 @@ def test_learns_digits(tmp_path):
     fake = I.load_for_sampling(ck, "cpu").sample(256, seed=1)
     torch.manual_seed(ck["args"]["seed"])  # build() seeds with --seed before creating G: the initial weights
     init = I.Sampler(I.build_generator(ck["args"]), "cpu").sample(256, seed=1)
-    near = real[:256].flatten(1)
 
     def stats(x):  # (gap, nn)
-        nn = torch.cdist(x.flatten(1), near).min(1).values.mean() / (3 * 16 * 16) ** 0.5
-        return (x.mean(0) - real.mean(0)).abs().mean().item(), nn.item()
+        return (x.mean(0) - real.mean(0)).abs().mean().item(), nearest_distance(x, real[:256])
 
-    gen = torch.Generator().manual_seed(0)
-    blobs = torch.nn.functional.interpolate(torch.rand(256, 3, 4, 4, generator=gen) * 2 - 1, size=16, mode="bilinear")
-    grey = blobs.mean(1, keepdim=True).expand(-1, 3, -1, -1)
-    blob_sets = [blobs, grey] + [(b - b.mean()) / b.std() * real.std() + real.mean() for b in (blobs, grey)]
     (g_fake, nn_fake), (g_init, nn_init) = stats(fake), stats(init)
-    blob_nn = min(stats(b)[1] for b in blob_sets)
+    blob_nn = min(stats(b)[1] for b in blob_sets(real))
     assert g_fake < 0.6 * g_init, (g_fake, g_init)
     assert nn_fake < 0.75 * nn_init and nn_fake < 0.75 * blob_nn, (nn_fake, nn_init, blob_nn)
 
