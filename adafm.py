@@ -54,6 +54,10 @@ Deviations / choices (all visible in the code):
   update it between them; the D step does not touch G, so it is the same).
 - scratch uses plain convs (AdaFM on trainable filters is redundant). fs/adafm's gamma/beta start at 1/0.
 - Real data: --crop center (paper), random flip, + U[0, 1/128) dequantization noise (GAN_stability).
+- --r1 defaults to the paper's 10, set for 128 px. R1 sums the squared gradient over pixels, so a D that sees the
+  same picture at res r has ~(128 / r)^2 times the squared gradient norm, and one weight smooths D ~16x harder at
+  32 px. Below 128 px use 10 * (res / 128)^2 (0.625 at 32 px, 2.5 at 64): the 32 px digits target then draws varied
+  digits (FID 169.7 at 3,000 iterations) where 10 leaves two modes (225.5; README Results).
 - --mode pretrain uses GAN_stability's RMSprop(lr, alpha 0.99, eps 1e-8) and batch 128 by default; the official
   --iters stays 60000 (set it for your source dataset). Real and fake go through D as one batch (no BN, same result).
 - Style mixing (Fig. 12): the fc input z and the styles of blocks < --mix-block come from sample a, the styles of
@@ -77,12 +81,14 @@ Deviations / choices (all visible in the code):
 Run (from the repo root):
   python adafm.py --data flowers --res 128 --z-dim 64 --source imagenet-8c505f47.pt   # the paper's "Our" (60k its;
                                                       z 64 for Flowers/Cars/Cathedral, the default 256 for CelebA)
-  python adafm.py --mode pretrain --data digits --res 32 --nf 8 --z-dim 32 --w-dim 32 --iters 500 --out runs/src
-    (a plumbing check, not a trained source: samples/ show the EMA G, which after 500 iterations at --ema 0.999 is
-    still 0.999^500 = 61% the initial G (flat tinted squares); the raw G after 300-700 iterations matches the
-    digits' brightness but is one collapsed stroke shape, not digits; still collapsed at 6,000 iterations at batch
-    32, 42 min on one CPU thread; an AdaFM target from it beats --mode scratch, FID 225.5 vs 297.3: README Results)
-  python adafm.py --data pokemon --res 32 --nf 8 --z-dim 32 --w-dim 32 --source runs/src/ckpt/last.pt
+  python adafm.py --mode pretrain --data digits --res 32 --nf 8 --z-dim 32 --w-dim 32 --batch 32 --iters 6000 --out runs/src
+  python adafm.py --data digits --res 32 --nf 8 --z-dim 32 --w-dim 32 --batch 16 --iters 3000 --adafm-start 500 \
+                  --r1 0.625 --source runs/src/ckpt/last.pt --out runs/adafm-digits
+    (the CPU toy, ~42 + 10 min on one thread: varied digit shapes, FID 169.7; --mode scratch with the same flags
+    collapses to one shape, 332.2: README Results. The source itself stays collapsed (one blurred shape for every z,
+    the GAN_stability recipe at any budget or --r1 tried on a CPU) but its filters transfer; a 500-iteration source
+    is too young: the target from it collapses too. The EMA samples of a run under ~2,000 iterations are mostly the
+    initial G: 0.999^500 = 61 %.)
 Benchmark (s/iteration, batch 16, 128 px, random weights, AdaFM on, no data/source needed; measured: README):
   for m in adafm scratch transfergan; do python adafm.py --bench 3 --mode $m; done
   (frozen filters need no weight gradients, so adafm is the cheapest step)
@@ -142,7 +148,8 @@ def parse_args(argv=None):
                    "conditional (digits classes, or the first-level subfolders of --data); 'none' = unconditional")
     g.add_argument("--adafm-start", type=int, default=10000,
                    help="AdaFM/FS gamma, beta are trained from this iteration on")
-    g.add_argument("--r1", type=float, default=10.0, help="R1 weight: r1 * mean_b sum (dD(x)/dx)^2 on reals")
+    g.add_argument("--r1", type=float, default=10.0, help="R1 weight: r1 * mean_b sum (dD(x)/dx)^2 on reals (the "
+                   "paper's 10 is for 128 px; smaller images: 10 * (res / 128)^2, see the docstring)")
     g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the generator used for samples/eval")
     g.add_argument("--head-scale", default="auto", help="init of the per-channel rescaling w_c: auto (source feature "
                    "std/mean; 1 without a source) or a number (authors: ~1000 for the ImageNet source)")
