@@ -73,7 +73,8 @@ def main(argv=None):
         save_grid(grid, os.path.join(a.out, f"raw_{step:06d}.png"), nrow=8)
         row = {"step": step, "std_over_z": round(std, 4), "s_per_iter": round(sec, 4),
                "minutes": round((time.time() - t0) / 60, 2)}
-        metrics = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl")) if '"d_real"' in line]
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            metrics = [json.loads(line) for line in f if '"d_real"' in line]
         if metrics:
             row.update({k: round(metrics[-1][k], 4) for k in ("d_real", "d_fake", "loss_d") if k in metrics[-1]})
         rows.append(row)

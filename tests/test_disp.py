@@ -13,7 +13,7 @@ import torch
 import disp
 from common.data import Dataset, load_dataset
 from common.utils import UserError, load_checkpoint
-from conftest import colour_blobs, nearest_distance
+from conftest import blob_sets, nearest_distance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--data", "digits", "--res", "32", "--ch", "4", "--batch", "8", "--d-steps", "2", "--prior-weights", "random",
@@ -821,8 +821,8 @@ def test_biggan32_learning_check_with_and_without_prior(tmp_path):
         pix = (x.mean(0) - real.mean(0)).pow(2).mean().sqrt() + (x.std(0) - real.std(0)).pow(2).mean().sqrt()
         return pix.item(), nearest_distance(x, real)
 
-    blobs = colour_blobs(32)
-    grey = stats(blobs.mean(1, keepdim=True).expand(-1, 3, -1, -1))
+    blobs, grey_blobs = blob_sets(real)[:2]
+    grey = stats(grey_blobs)
 
     def ok(s, init):
         return s[0] < 0.7 and s[0] < 0.65 * init[0] and s[1] < 0.62 and s[1] < 0.85 * grey[1]
