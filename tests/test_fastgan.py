@@ -562,7 +562,16 @@ def test_resume_is_checked_before_the_data_is_read(tmp_path, monkeypatch, one_li
     assert "trained with --ngf 16, this run asks for 8: the architecture" in error(args)
     torch.save({"method": "fastgan", "args": {k: v for k, v in a.items() if k not in ("no_sle", "no_recon")}}, last)
     assert "trained with --no-sle False, this run asks for True" in error(args + ["--no-sle"])
-    assert not (out / "args.json").exists()
+    # the same command without --resume (or resuming another run into this --out) would overwrite this run's
+    # checkpoint at its first save: refused, the checkpoint byte for byte unchanged
+    torch.save({"method": "fastgan", "args": a, "step": 7}, last)
+    before = last.read_bytes()
+    fresh = TINY + ["--iters", "2", "--out", str(out)]
+    assert "--out " + str(out) + " already holds a run" in error(fresh) and "--resume auto" in error(fresh)
+    other = tmp_path / "other.pt"
+    other.write_bytes(before)
+    assert "already holds a run" in error(fresh + ["--resume", str(other)])
+    assert last.read_bytes() == before and not (out / "args.json").exists()
 
 
 # ------------------------------------------------------------------------------------------------ learning check
