@@ -84,10 +84,10 @@ Run (from the repo root):
   python adafm.py --mode pretrain --data digits --res 32 --nf 8 --z-dim 32 --w-dim 32 --batch 32 --iters 6000 --out runs/src
   python adafm.py --data digits --res 32 --nf 8 --z-dim 32 --w-dim 32 --batch 16 --iters 3000 --adafm-start 500 \
                   --r1 0.625 --source runs/src/ckpt/last.pt --out runs/adafm-digits
-    (the CPU toy, ~42 + 10 min on one thread: varied digit shapes, FID 169.7, --seed 1 three shapes, 199.4; --mode
-    scratch with the same flags collapses to one shape, 332.2: README Results. The source itself stays collapsed (one
-    blurred shape for every z, the GAN_stability recipe at any budget or --r1 tried on a CPU) but its filters
-    transfer; from other sources (500 iterations; 3,000 at --r1 1 --lr 3e-4) the target collapses too. The EMA
+    (the CPU toy, ~42 + 10 min on one thread: varied digit shapes, FID 169.7; --seed 1 / 2: three shapes each, 199.4 /
+    174.6; --mode scratch with the same flags collapses to one shape, 332.2: README Results. The source itself stays
+    collapsed (one blurred shape for every z, the GAN_stability recipe at any budget or --r1 tried on a CPU) but its
+    filters transfer; from other sources (500 iterations; 3,000 at --r1 1 --lr 3e-4) the target collapses too. The EMA
     samples of a run under ~2,000 iterations are mostly the initial G: 0.999^500 = 61 %.)
 Benchmark (s/iteration, batch 16, 128 px, random weights, AdaFM on, no data/source needed; measured: README):
   for m in adafm scratch transfergan; do python adafm.py --bench 3 --mode $m; done
