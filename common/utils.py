@@ -224,16 +224,16 @@ def read_resume(args, method, arch=(), defaults=None):
     if getattr(args, "tensorboard", False):
         summary_writer_class()  # --tensorboard without the package: fail here, before any slow set-up
     path = resolve_resume(args)
+    ckpt = None
+    if path:
+        ckpt = load_checkpoint(path)
+        check_method(ckpt, method, path)
+        check_flags(ckpt, path, args, arch, defaults)
     mine = os.path.join(args.out, "ckpt", "last.pt") if getattr(args, "out", None) else None
     if mine and os.path.isfile(mine) and not (path and os.path.samefile(path, mine)):
         # a fresh start (or a resume from elsewhere) would overwrite this run's checkpoint at its first save
         raise UserError(f"--out {args.out} already holds a run ({mine}): add --resume auto to continue it, or pick a "
                         "new --out (nothing was written)")
-    if not path:
-        return None, None
-    ckpt = load_checkpoint(path)
-    check_method(ckpt, method, path)
-    check_flags(ckpt, path, args, arch, defaults)
     return ckpt, path
 
 
