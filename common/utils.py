@@ -191,13 +191,18 @@ def tb_scalars(record, step=None):
             w.add_scalar(k, float(v), int(step))
 
 
+def run_checkpoint(args):
+    """<out>/ckpt/last.pt of this run if it exists, else None (also when --out is not set yet)."""
+    path = os.path.join(args.out, "ckpt", "last.pt") if getattr(args, "out", None) else None
+    return path if path and os.path.isfile(path) else None
+
+
 def resolve_resume(args):
     """--resume auto -> <out>/ckpt/last.pt if present (else None: fresh start); --resume PATH -> PATH (must exist)."""
     if not args.resume:
         return None
     if args.resume == "auto":
-        path = os.path.join(args.out, "ckpt", "last.pt") if args.out else None
-        return path if path and os.path.isfile(path) else None
+        return run_checkpoint(args)
     if not os.path.isfile(args.resume):
         raise UserError(f"--resume {args.resume}: no such checkpoint file (use --resume auto to start fresh when none exists)")
     return args.resume
@@ -229,8 +234,8 @@ def read_resume(args, method, arch=(), defaults=None):
         ckpt = load_checkpoint(path)
         check_method(ckpt, method, path)
         check_flags(ckpt, path, args, arch, defaults)
-    mine = os.path.join(args.out, "ckpt", "last.pt") if getattr(args, "out", None) else None
-    if mine and os.path.isfile(mine) and not (path and os.path.samefile(path, mine)):
+    mine = run_checkpoint(args)
+    if mine and not (path and os.path.samefile(path, mine)):
         # a fresh start (or a resume from elsewhere) would overwrite this run's checkpoint at its first save
         raise UserError(f"--out {args.out} already holds a run ({mine}): add --resume auto to continue it, or pick a "
                         "new --out (nothing was written)")
