@@ -108,12 +108,11 @@ import torch.nn.functional as F
 from common.data import batch_indices, infinite_batches, list_images, load_dataset, resolve_folder, to_device
 from common.ema import ema_update, make_ema
 from common.metrics import training_evaluator
-from common.utils import (Dist, Progress, SamplerBase, SetupInterrupt, StopOnInterrupt, UserError, add_common_args,
-                          autocast, check_finite, check_flags, check_method, check_noise_mode, compiled, count_params,
-                          latent_seeds,
-                          load_checkpoint, log_metrics, per_sample_noise, prepare_run_dir, read_resume, resume,
-                          rng_state, save_checkpoint, save_grid, save_style_mix, seed_everything, time_steps,
-                          user_errors)
+from common.output import (FORMAT, check_checkpoint, check_flags, load_checkpoint, log_metrics, prepare_run_dir,
+                           Progress, read_resume, resume, rng_state, save_checkpoint, save_grid)
+from common.run import (add_common_args, autocast, check_finite, compiled, count_params, Distributed, seed_everything,
+                        SetupInterrupt, StopOnInterrupt, time_steps, user_errors, UserError)
+from common.sampling import check_noise_mode, latent_seeds, per_sample_noise, SamplerBase, save_style_mix
 
 METHOD = "adafm"
 SOURCE_URL = "https://s3.eu-central-1.amazonaws.com/avg-projects/gan_stability/models/imagenet-8c505f47.pt"
@@ -162,8 +161,6 @@ def parse_args(argv=None):
     g.add_argument("--mix-block", type=int, default=1, help="style mixing: style blocks >= this take sample b's style")
     g.add_argument("--style-mix", type=int, default=5,
                    help="write samples/style_mix.png (N x N, paper Fig. 12) at the end; 0 = off")
-    g.add_argument("--bench", type=int, default=0, help="time N iterations (train_step + EMA; random weights, AdaFM "
-                   "on) on a random batch at --res/--batch after one warm-up, print s/iteration, exit")
     args = p.parse_args(argv)
     if args.batch is None:
         args.batch = 128 if args.mode == "pretrain" else 16
@@ -623,7 +620,7 @@ def labelled_batches(ds, labels, args, batch, start, dist):
 def bench(args):
     """--bench N: seconds per iteration (train_step + EMA) on a random batch at --res/--batch, random weights,
     AdaFM/FS on; no data, no source, writes nothing."""
-    dist = Dist(args.device)
+    dist = Distributed(args.device)
     device, batch = dist.device, dist.per_rank_batch(args.batch)
     seed_everything(args.seed + dist.rank)
     args.nlabels = 0
@@ -653,7 +650,7 @@ def main(argv=None):
 
 
 def run(args, setup=None):
-    dist = Dist(args.device)
+    dist = Distributed(args.device)
     device, batch = dist.device, dist.per_rank_batch(args.batch)
     ck, path = read_resume(args, METHOD, ARCH_FLAGS)  # readable, same method and networks: checked first
     if ck and "step_order" not in ck["args"] and step_order(args) != "d_first":  # method
@@ -678,7 +675,7 @@ def run(args, setup=None):
     G_run = compiled(G_run, args.compile)  # method: --compile: G only (R1 needs D's double backward)
 
     def state(step, **extra):  # the checkpoint: `saved`, the RNGs, the best FID (resume() loads the same entries)
-        return {"method": METHOD, "args": vars(args), "step": step, "rng": rng_state(), "best_fid": best,
+        return {"format": FORMAT, "method": METHOD, "args": vars(args), "step": step, "rng": rng_state(), "best_fid": best,
                 **{k: v.state_dict() for k, v in saved.items()}, **extra}
 
     def ema_sampler():  # G_ema as eval.py samples it
@@ -789,7 +786,7 @@ class Sampler(SamplerBase):
 def load_for_sampling(ckpt, device, mix_block=None, noise="random"):
     """The EMA generator of an adafm.py checkpoint; mix_block overrides --mix-block, noise=const picks fixed noise
     maps (eval.py --sampler-opt; see Sampler)."""
-    check_method(ckpt, METHOD)
+    check_checkpoint(ckpt, "checkpoint", METHOD)
     a = argparse.Namespace(**ckpt["args"])
     G = build(a)[0]
     G.load_state_dict(ckpt["G_ema"])

@@ -134,11 +134,11 @@ from common.data import batch_indices, infinite_batches, load_dataset, load_imag
 from common.diffaug import check_policy, diff_augment
 from common.ema import ema_update, make_ema
 from common.metrics import dataset_fingerprint, sha256_file, training_evaluator
-from common.utils import (BN_MODES, Dist, Progress, SamplerBase, SetupInterrupt, StopOnInterrupt, UserError,
-                          add_common_args, autocast, batch_stat_bn, check_bn_mode, check_finite, check_method,
-                          compiled, count_params, load_checkpoint, log_metrics, pick_device, prepare_run_dir, read_resume,
-                          recompute_bn_stats, resume, rng_state, save_checkpoint, save_grid, save_style_mix,
-                          seed_everything, time_steps, user_errors)
+from common.output import (FORMAT, check_checkpoint, load_checkpoint, log_metrics, prepare_run_dir, Progress,
+                           read_resume, resume, rng_state, save_checkpoint, save_grid)
+from common.run import (add_common_args, autocast, check_finite, compiled, count_params, Distributed, pick_device,
+                        seed_everything, SetupInterrupt, StopOnInterrupt, time_steps, user_errors, UserError)
+from common.sampling import batch_stat_bn, BN_MODES, check_bn_mode, recompute_bn_stats, SamplerBase, save_style_mix
 
 METHOD = "disp"
 G_ARCH = {32: [4, 4, 4, 4], 64: [16, 16, 8, 4, 2], 128: [16, 16, 8, 4, 2, 1], 256: [16, 16, 8, 8, 4, 2, 1]}  # x ch
@@ -197,8 +197,6 @@ def parse_args(argv=None):
     g.add_argument("--init-from", default=None,
                    help="TransferGAN: initialise G, D from this GAN checkpoint (tensors with matching names and shapes)")
     g.add_argument("--ckpt-priors", type=int, default=10000, help="at most this many training priors stored in checkpoints")
-    g.add_argument("--bench", type=int, default=0, help="time N iterations (train_step + EMA) on a random batch at "
-                   "--res/--batch after one warm-up, print s/iteration and the extractor's s/image, exit")
     g.add_argument("--sample", default=None, help="sampling only: write a grid from this checkpoint to --out and exit")
     g.add_argument("--prior-mode", default="mixup", help="with --sample: mixup | gmm | train | image")
     g.add_argument("--prior-from", default=None, help="with --sample: variations of this image (prior_mode image)")
@@ -954,7 +952,7 @@ def load_source(paths, g_file, G, D, G_ema):
 def bench(args):
     """--bench N: seconds per iteration (train_step + EMA) on random images at --res/--batch (--d-steps D steps),
     and the extractor's seconds per image (the prior extraction of N images takes N times that); writes nothing."""
-    device = Dist(args.device).device
+    device = Distributed(args.device).device
     seed_everything(args.seed)
     x = torch.rand(args.batch, 3, args.res, args.res, device=device) * 2 - 1
     t_prior = 0.0
@@ -1001,9 +999,9 @@ def sample_only(args):
 
 
 def run(args, setup=None):
-    dist = Dist(args.device)
+    dist = Distributed(args.device)
     device, batch = dist.device, dist.per_rank_batch(args.batch)
-    ck, path = read_resume(args, METHOD, ARCH_FLAGS, {"arch": "sngan"})  # readable, same method and networks: first
+    ck, path = read_resume(args, METHOD, ARCH_FLAGS)  # readable, same method and networks: first
     if not ck and args.source:  # method: the source files exist (before the data and the priors)
         source_files(args.source, args.source_g)
     if ck and ck.get("prior_key"):  # method: the prior settings too (the data part of the key: after loading)
@@ -1040,7 +1038,7 @@ def run(args, setup=None):
         priors[torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed))[:args.ckpt_priors]]  # method
 
     def state(step, **extra):  # the checkpoint: `saved`, the RNGs, the best FID (resume() loads the same entries)
-        return {"method": METHOD, "args": vars(args), "step": step, "rng": rng_state(), "best_fid": best,
+        return {"format": FORMAT, "method": METHOD, "args": vars(args), "step": step, "rng": rng_state(), "best_fid": best,
                 **{k: v.state_dict() for k, v in saved.items()}, **extra,
                 "prior_dim": priors.shape[1], "priors": ckpt_priors, "prior_key": key}  # method: what sampling needs
 
@@ -1196,7 +1194,7 @@ def load_for_sampling(ckpt, device, **opts):
     bad = set(opts) - set(SAMPLER_OPTS)
     if bad:
         raise UserError(f"unknown sampler option(s) {sorted(bad)}: disp accepts {', '.join(SAMPLER_OPTS)}")
-    check_method(ckpt, METHOD)
+    check_checkpoint(ckpt, "checkpoint", METHOD)
     a = SimpleNamespace(**ckpt["args"])
     G, _ = build_models(a, ckpt["prior_dim"])
     G.load_state_dict(ckpt["G_ema"])

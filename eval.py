@@ -78,7 +78,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.utils import UserError, load_checkpoint, pick_device, save_grid, save_style_mix, user_errors
+from common.output import load_checkpoint, save_grid
+from common.run import pick_device, user_errors, UserError
+from common.sampling import save_style_mix
 
 METRICS = ("fid", "kid", "pr", "mem")
 
@@ -252,7 +254,7 @@ def generate_each(sampler, z, batch):
 def save_seed_images(sampler, seeds, folder, batch):
     """folder/seed%04d.png for every seed: the image of sampler.latents(1, seed). Returns the paths."""
     from PIL import Image
-    from common.utils import to_uint8
+    from common.output import to_uint8
     os.makedirs(folder, exist_ok=True)
     paths = []
     for i in range(0, len(seeds), batch):
@@ -268,7 +270,7 @@ def save_gif(sampler, seeds, path, frames, fps, batch):
     """A closed loop seeds[0] -> seeds[1] -> ... -> seeds[0]: `frames` frames per transition (the next seed's own
     image starts the next transition), interp_latents' linear steps; one image per frame, looping forever."""
     from PIL import Image
-    from common.utils import to_uint8
+    from common.output import to_uint8
     z = seed_latents(sampler, seeds)
     zs = interp_latents(z, torch.roll(z, -1, 0), frames, endpoint=False)
     imgs = to_uint8(generate_each(sampler, zs, batch)).permute(0, 2, 3, 1).numpy()

@@ -93,12 +93,12 @@ from common.data import infinite_batches, load_dataset
 from common.diffaug import check_policy, diff_augment
 from common.ema import ema_update, make_ema
 from common.metrics import training_evaluator
-from common.utils import (BN_MODES, Dist, Progress, SamplerBase, SetupInterrupt, StopOnInterrupt, UserError,
-                          add_common_args, autocast, batch_stat_bn, check_bn_mode, check_finite,
-                          check_noise_mode, compiled, count_params,
-                          log_metrics, per_sample_noise, prepare_run_dir, read_resume, recompute_bn_stats, resume,
-                          rng_state, save_checkpoint, save_grid, save_style_mix, seed_everything, time_steps,
-                          user_errors)
+from common.output import (FORMAT, log_metrics, prepare_run_dir, Progress, read_resume, resume, rng_state,
+                           save_checkpoint, save_grid)
+from common.run import (add_common_args, autocast, check_finite, compiled, count_params, Distributed, seed_everything,
+                        SetupInterrupt, StopOnInterrupt, time_steps, user_errors, UserError)
+from common.sampling import (batch_stat_bn, BN_MODES, check_bn_mode, check_noise_mode, per_sample_noise,
+                             recompute_bn_stats, SamplerBase, save_style_mix)
 
 METHOD = "fastgan"
 RESOLUTIONS = (32, 64, 128, 256, 512, 1024)
@@ -139,8 +139,6 @@ def parse_args(argv=None):
                    help="BatchNorm of the EMA generator in sample grids, FID and eval.py: recompute (statistics "
                    "recomputed for the EMA weights on 512 latents; best FID, see the docstring), batch (per sampling "
                    "batch, the authors' rule) or copy (the live G's running statistics)")
-    g.add_argument("--bench", type=int, default=0, help="time N iterations (train_step + EMA) on a random batch at "
-                   "--res/--batch after one warm-up, print s/iteration (median), exit")
     return p.parse_args(argv)
 
 
@@ -582,7 +580,7 @@ def build(args, device):
 
 def bench(args):
     """--bench N: seconds per iteration (train_step + EMA) on a random batch at --res/--batch; writes nothing."""
-    device = Dist(args.device).device
+    device = Distributed(args.device).device
     seed_everything(args.seed)
     G, D, opt_G, opt_D, cl = build(args, device)
     G_ema = make_ema(G)
@@ -616,9 +614,9 @@ def main(argv=None):
 
 
 def run(args, setup=None):
-    dist = Dist(args.device)
+    dist = Distributed(args.device)
     device, batch = dist.device, dist.per_rank_batch(args.batch)
-    ck, path = read_resume(args, METHOD, ARCH_FLAGS, OLD_ARCH)  # readable, same method and networks: checked first
+    ck, path = read_resume(args, METHOD, ARCH_FLAGS)  # readable, same method and networks: checked first
     seed_everything(args.seed + dist.rank)
     ds = load_dataset(args.data, args.res, args.data_root, args.crop)
     out = prepare_run_dir(args, METHOD, dist.is_main)
@@ -635,7 +633,7 @@ def run(args, setup=None):
     G_run, D_run = compiled(G_run, args.compile), compiled(D_run, args.compile)  # method: no double backward here
 
     def state(step, **extra):  # the checkpoint: `saved`, the RNGs, the best FID (resume() loads the same entries)
-        return {"method": METHOD, "args": vars(args), "step": step, "rng": rng_state(), "best_fid": best,
+        return {"format": FORMAT, "method": METHOD, "args": vars(args), "step": step, "rng": rng_state(), "best_fid": best,
                 **{k: v.state_dict() for k, v in saved.items()}, **extra}
 
     def ema_sampler():  # G_ema as eval.py samples it

@@ -106,10 +106,11 @@ import torch.nn.functional as F
 from common.data import infinite_batches, load_dataset
 from common.ema import ema_update, make_ema, stylegan_ema_beta
 from common.metrics import training_evaluator
-from common.utils import (Dist, Progress, SamplerBase, SetupInterrupt, StopOnInterrupt, UserError, add_common_args,
-                          autocast, check_finite, check_method, count_params, log_metrics, prepare_run_dir,
-                          read_resume, resume, rng_state, save_checkpoint, save_grid, save_style_mix, seed_everything,
-                          time_steps, user_errors)
+from common.output import (FORMAT, check_checkpoint, log_metrics, prepare_run_dir, Progress, read_resume, resume,
+                           rng_state, save_checkpoint, save_grid)
+from common.run import (add_common_args, autocast, check_finite, count_params, Distributed, seed_everything,
+                        SetupInterrupt, StopOnInterrupt, time_steps, user_errors, UserError)
+from common.sampling import SamplerBase, save_style_mix
 
 METHOD = "insgen"
 ARCH_FLAGS = ("res", "cbase", "cmax", "map")  # fix the networks (after the --cfg table): --resume checks them
@@ -155,8 +156,6 @@ def parse_args(argv=None):
                    help="noise of the training sample grids: random (seeded by the fixed latents, what the metrics see) "
                         "or const (the learned constant maps, NVIDIA's grids)")
     g.add_argument("--mix-grid", action="store_true", help="also write samples/mix_<step>.png style-mixing grids")
-    g.add_argument("--bench", type=int, default=0, help="time N iterations (train_step + EMA; a multiple of 16) on a "
-                   "random batch at --res/--batch after one warm-up, with and without InsGen, print s/kimg, exit")
     return p.parse_args(argv)
 
 
@@ -1018,7 +1017,7 @@ def bench(args):
     run N (16 = one lazy-regularization cycle: 4 path-length passes, 1 R1); s/iter = the median over blocks of the
     block's mean, so a burst of other work on the machine hits all three alike. Writes nothing; returns
     {variant: s/iter}."""
-    dist_ = Dist(args.device)
+    dist_ = Distributed(args.device)
     device, batch = dist_.device, dist_.per_rank_batch(args.batch)
     steps = {}
     for name, (no_insgen, query) in BENCH.items():
@@ -1054,7 +1053,7 @@ def main(argv=None):
 
 
 def run(args, setup=None):
-    dist = Dist(args.device)
+    dist = Distributed(args.device)
     device, batch = dist.device, dist.per_rank_batch(args.batch)
     ck, path = read_resume(args, METHOD, ARCH_FLAGS)  # readable, same method and networks: checked first
     if ck:  # method
@@ -1076,7 +1075,7 @@ def run(args, setup=None):
     G_run, D_run = G, D  # method: no DDP wrapper (R1 / path-length double backward): step_opt all-reduces gradients
 
     def state(step, **extra):  # the checkpoint: `saved`, the RNGs, the best FID (resume() loads the same entries)
-        return {"method": METHOD, "args": vars(args), "step": step, "rng": rng_state(), "best_fid": best,
+        return {"format": FORMAT, "method": METHOD, "args": vars(args), "step": step, "rng": rng_state(), "best_fid": best,
                 **{k: v.state_dict() for k, v in saved.items()}, **extra, "pl_mean": pl_mean.cpu()}  # method: pl_mean
 
     def ema_sampler():  # G_ema as eval.py samples it
@@ -1207,7 +1206,7 @@ def build_generator(a):
 def load_for_sampling(ckpt, device, psi=None, noise="random"):
     """The EMA generator of an insgen.py checkpoint; psi (eval.py --psi) overrides the run's --psi truncation;
     noise (eval.py --sampler-opt noise=const) picks the noise inputs (see Sampler)."""
-    check_method(ckpt, "insgen")
+    check_checkpoint(ckpt, "checkpoint", "insgen")
     G = build_generator(ckpt["args"]).to(device)
     G.load_state_dict(ckpt["G_ema"])
     return Sampler(G, device, float(psi) if psi is not None else ckpt["args"].get("psi", 1.0), noise)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.utils import UserError
+from common.run import UserError
 
 IMG_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 IN_MEMORY_BYTES = 4 * 1024**3

@@ -83,6 +83,6 @@ def check_policy(policy, flag):
     """Start-up check of a user's policy string: one clear line for an unknown op instead of a crash at iteration 1."""
     bad = [p.strip() for p in policy.split(",") if p.strip() not in AUGMENT_FNS] if policy else []
     if bad:
-        from common.utils import UserError
+        from common.run import UserError
         raise UserError(f"{flag} {policy}: unknown DiffAugment op(s) {', '.join(bad)}: use a comma list of "
                         f"{', '.join(sorted(AUGMENT_FNS))}")

@@ -60,7 +60,7 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-from common.utils import UserError
+from common.run import UserError
 
 PROTOCOL = "inception-2015-12-05/stylegan2-ada"
 FILENAME = "inception-2015-12-05.pt"

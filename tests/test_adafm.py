@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import adafm
-from common.utils import UserError, load_checkpoint
+from common.output import load_checkpoint
+from common.run import UserError
 from conftest import blob_sets, nearest_distance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -415,10 +416,10 @@ def test_flags_and_resume_are_checked_before_the_data_is_read(tmp_path, monkeypa
     last.write_bytes(os.urandom(1000))
     resume = TINY + ["--mode", "scratch", "--out", str(out), "--resume", "auto"]
     assert "cannot read checkpoint" in error(resume)
-    torch.save({"method": "disp", "args": {}}, last)
+    torch.save({"format": 2, "method": "disp", "args": {}}, last)
     assert "written by 'disp', not 'adafm'" in error(resume)
     a = vars(adafm.parse_args(TINY + ["--mode", "scratch"]))
-    torch.save({"method": "adafm", "args": {**a, "nf": 8, "nlabels": 0}}, last)
+    torch.save({"format": 2, "method": "adafm", "args": {**a, "nf": 8, "nlabels": 0}}, last)
     assert "trained with --nf 8, this run asks for 4" in error(resume)
 
 

@@ -4,9 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common.data import (FEW_SHOT, batch_indices, infinite_batches, list_images, load_dataset, load_image,
-                         resolve_folder)
-from common.utils import UserError
+from common.data import FEW_SHOT, batch_indices, infinite_batches, list_images, load_dataset, load_image, resolve_folder
+from common.run import UserError
 
 
 def test_digits_real_data_as_rgb():

@@ -94,7 +94,7 @@ def test_memory_format_is_kept():
 
 def test_check_policy_names_the_bad_op():
     from common.diffaug import check_policy
-    from common.utils import UserError
+    from common.run import UserError
     check_policy("", "--policy")
     check_policy("color, translation,cutout", "--policy")
     with pytest.raises(UserError, match=r"--diffaug color,flip: unknown DiffAugment op\(s\) flip: use a comma list"):

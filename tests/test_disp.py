@@ -12,7 +12,8 @@ import torch
 
 import disp
 from common.data import Dataset, load_dataset
-from common.utils import UserError, load_checkpoint
+from common.output import load_checkpoint
+from common.run import UserError
 from conftest import blob_sets, nearest_distance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -445,13 +446,13 @@ def test_resume_is_checked_before_data_and_priors(tmp_path, monkeypatch, one_lin
     args = SMALL + ["--iters", "2", "--out", str(out), "--resume", "auto"]
     assert "cannot read checkpoint" in error(args)
     other = tmp_path / "fastgan.pt"
-    torch.save({"method": "fastgan", "args": {}}, other)
+    torch.save({"format": 2, "method": "fastgan", "args": {}}, other)
     assert "written by 'fastgan', not 'disp'" in error(SMALL + ["--out", str(out), "--resume", str(other)])
     a = disp.parse_args(SMALL)
     key = {"data": "digits:0", "n": 64, **disp.prior_settings(a)}
-    torch.save({"method": "disp", "args": {**vars(a), "ch": 8}, "prior_key": key}, last)
+    torch.save({"format": 2, "method": "disp", "args": {**vars(a), "ch": 8}, "prior_key": key}, last)
     assert "trained with --ch 8, this run asks for 4" in error(args)
-    torch.save({"method": "disp", "args": vars(a), "prior_key": {**key, "size": 40}}, last)
+    torch.save({"format": 2, "method": "disp", "args": vars(a), "prior_key": {**key, "size": 40}}, last)
     err = error(args)
     assert "error: the priors of checkpoint" in err and "size: 40 vs 32" in err
     assert not (out / "args.json").exists()  # a refused resume does not overwrite the run's args.json

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common.metrics as M
-from common.utils import UserError
+from common.run import UserError
 
 import eval as E  # eval.py at the repo root (tests/conftest.py puts the root on sys.path)
 
@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINYGAN = '''
 import torch
-from common.utils import SamplerBase
+from common.sampling import SamplerBase
 
 
 class G(torch.nn.Module):
@@ -102,7 +102,7 @@ def world(tmp_path_factory):
     args = {"data": "digits", "res": 8, "data_root": "data", "crop": "squash"}
     for name, method in (("run", "tinygan_test"), ("nomix", "tinygan_nomix"), ("alien", "no_such_method_xyz")):
         os.makedirs(d / name / "ckpt")
-        ckpt = {"method": method, "args": args, "step": 5, "G_ema": state}
+        ckpt = {"format": 2, "method": method, "args": args, "step": 5, "G_ema": state}
         torch.save(ckpt, d / name / "ckpt" / "last.pt")
     torch.save({**ckpt, "method": "tinygan_test", "step": 9}, d / "run" / "ckpt" / "best.pt")
     os.makedirs(d / "empty")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import eval as E
-from common.utils import UserError
+from common.run import UserError
 from test_eval_images import tiny_ckpts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 import eval as E
-from common.utils import UserError, to_uint8
+from common.output import to_uint8
+from common.run import UserError
 
 
 def tiny_ckpts(d):
@@ -24,7 +25,7 @@ def tiny_ckpts(d):
 
     def save(method, args, G, **extra):
         path = d / f"{method}.pt"
-        torch.save({"method": method, "args": args, "step": 1, "G_ema": G.state_dict(), **extra}, path)
+        torch.save({"format": 2, "method": method, "args": args, "step": 1, "G_ema": G.state_dict(), **extra}, path)
         out[method] = str(path)
 
     a = {"res": 32, "ngf": 4, "ndf": 4, "nz": 8, "sample_bn": "copy", "data": "digits"}

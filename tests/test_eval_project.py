@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 import eval as E
-from common.utils import SamplerBase, UserError, save_grid
+from common.output import save_grid
+from common.run import UserError
+from common.sampling import SamplerBase
 from test_eval_images import tiny_ckpts
 
 METHODS = ["fastgan", "insgen", "adafm", "disp"]

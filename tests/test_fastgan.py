@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 import fastgan as fg
 from common.data import load_dataset
-from common.utils import UserError, load_checkpoint
+from common.output import load_checkpoint
+from common.run import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--data", "digits", "--res", "32", "--ngf", "8", "--ndf", "8", "--batch", "4", "--seed", "3"]
@@ -295,7 +296,7 @@ def test_sampler_is_deterministic_and_style_mix():
             if isinstance(m, fg.NoiseInjection):
                 m.weight.fill_(0.3)
         G(torch.randn(8, 32))
-    ckpt = {"method": "fastgan", "args": {"res": 64, "ngf": 8, "ndf": 8, "nz": 32}, "G_ema": G.state_dict()}
+    ckpt = {"format": 2, "method": "fastgan", "args": {"res": 64, "ngf": 8, "ndf": 8, "nz": 32}, "G_ema": G.state_dict()}
     s = fg.load_for_sampling(ckpt, "cpu")
     a, b = s.latents(3, 1), s.latents(3, 2)
     assert torch.equal(a, s.latents(3, 1)) and not torch.equal(a, b)
@@ -318,7 +319,7 @@ def toy_ckpt(res=32, ngf=8, nz=32, seed=0):
                 m.weight.fill_(0.5)
         for _ in range(3):
             G(torch.randn(8, nz) * 2)
-    return {"method": "fastgan", "args": {"res": res, "ngf": ngf, "ndf": 8, "nz": nz}, "G_ema": G.state_dict()}
+    return {"format": 2, "method": "fastgan", "args": {"res": res, "ngf": ngf, "ndf": 8, "nz": nz}, "G_ema": G.state_dict()}
 
 
 class OldRuleSampler(fg.Sampler):
@@ -543,7 +544,7 @@ def test_bad_input_one_clear_error(tmp_path, flags, msg):
 
 def test_resume_is_checked_before_the_data_is_read(tmp_path, monkeypatch, one_line_error):
     """--resume: an unreadable last.pt, another method's checkpoint or other architecture flags (an older checkpoint
-    without the ablation flags is the full model) fail with one line before any data is read or network built."""
+    of an older format) fail with one line before any data is read or network built."""
     monkeypatch.setattr(fg, "load_dataset", lambda *a, **k: pytest.fail("data read before the checkpoint was checked"))
 
     def error(argv):
@@ -555,16 +556,18 @@ def test_resume_is_checked_before_the_data_is_read(tmp_path, monkeypatch, one_li
     last.write_bytes(os.urandom(1000))
     args = TINY + ["--iters", "2", "--out", str(out), "--resume", "auto"]
     assert "cannot read checkpoint" in error(args)
-    torch.save({"method": "disp", "args": {}}, last)
+    torch.save({"format": 2, "method": "disp", "args": {}}, last)
     assert "written by 'disp', not 'fastgan'" in error(args)
     a = vars(fg.parse_args(TINY))
-    torch.save({"method": "fastgan", "args": {**a, "ngf": 16}}, last)
+    torch.save({"format": 2, "method": "fastgan", "args": {**a, "ngf": 16}}, last)
     assert "trained with --ngf 16, this run asks for 8: the architecture" in error(args)
-    torch.save({"method": "fastgan", "args": {k: v for k, v in a.items() if k not in ("no_sle", "no_recon")}}, last)
+    torch.save({"format": 2, "method": "fastgan", "args": a}, last)
     assert "trained with --no-sle False, this run asks for True" in error(args + ["--no-sle"])
+    torch.save({"method": "fastgan", "args": a}, last)  # an older checkpoint (no format): refused in one line
+    assert "has format 1, this code reads format 2" in error(args)
     # the same command without --resume (or resuming another run into this --out) would overwrite this run's
     # checkpoint at its first save: refused, the checkpoint byte for byte unchanged
-    torch.save({"method": "fastgan", "args": a, "step": 7}, last)
+    torch.save({"format": 2, "method": "fastgan", "args": a, "step": 7}, last)
     before = last.read_bytes()
     fresh = TINY + ["--iters", "2", "--out", str(out)]
     assert "--out " + str(out) + " already holds a run" in error(fresh) and "--resume auto" in error(fresh)

@@ -1,8 +1,8 @@
-"""tests/gpu_report.py (the GPU speed report) runs end to end at toy sizes on the CPU and writes its table."""
+"""tools/gpu_report.py (the GPU speed report) runs end to end at toy sizes on the CPU and writes its table."""
 import json
 import math
 
-from tests import gpu_report
+from tools import gpu_report
 
 
 def test_quick_report_writes_one_row_per_variant(tmp_path):
@@ -20,9 +20,9 @@ def test_quick_report_writes_one_row_per_variant(tmp_path):
 
 
 def test_adafm_source_check_quick_records_std_over_z_per_chunk(tmp_path):
-    """tests/adafm_source_check.py (the GPU check of whether a GP-GAN source learns) at toy size: one resumed run, a
+    """tools/adafm_source_check.py (the GPU check of whether a GP-GAN source learns) at toy size: one resumed run, a
     row per chunk with the raw G's pixel std over z, a grid per chunk."""
-    from tests import adafm_source_check
+    from tools import adafm_source_check
     rows = adafm_source_check.main(["--out", str(tmp_path), "--quick", "--device", "cpu"])
     assert [r["step"] for r in rows] == [3, 6]
     assert all(0 < r["std_over_z"] < 1 and math.isfinite(r["d_real"]) for r in rows), rows

@@ -173,7 +173,7 @@ def test_fastgan_toy_learns_by_kid_and_beats_colour_blobs(digits_cache, tmp_path
     blobs (4x4 noise upsampled); with 256 images 0.175 / 0.459 and 0.770 for the untrained G. Threshold: trained <
     0.5 x blobs."""
     import fastgan as fg
-    from common.utils import load_checkpoint
+    from common.output import load_checkpoint
     _, ev = digits_cache
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny nets: one thread is as fast and deterministic

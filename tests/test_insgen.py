@@ -15,7 +15,8 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import insgen as I  # noqa: E402
-from common.utils import UserError, load_state_dicts  # noqa: E402
+from common.output import load_state_dicts  # noqa: E402
+from common.run import UserError  # noqa: E402
 from conftest import blob_sets, nearest_distance  # noqa: E402
 
 TINY = ["--data", "digits", "--res", "32", "--cfg", "auto", "--cbase", "256", "--cmax", "32", "--batch", "4",
@@ -625,7 +626,7 @@ def test_smoke_resume_and_sampling(tmp_path):
     # the training grid (default --grid-noise random) is what the metrics sampler draws for the fixed latents, pixel
     # for pixel; NVIDIA's constant maps hid a noise-driven G (one '8' in all 64 cells of a digits run at 16 px)
     from PIL import Image
-    from common.utils import save_grid
+    from common.output import save_grid
     r.psi = 1.0
     save_grid(r.generate(r.latents(64, 0 + 12345)), str(tmp_path / "re.png"))
     grid = lambda f: np.asarray(Image.open(f))  # noqa: E731
@@ -642,7 +643,7 @@ def test_smoke_resume_and_sampling(tmp_path):
         I.main(common + ["--iters", "7", "--out", str(tmp_path / "x"), "--resume", os.path.join(full, "ckpt", "last.pt"),
                          "--cmax", "64"])
     bad = str(tmp_path / "bad.pt")
-    torch.save({"method": "fastgan", "args": {}}, bad)
+    torch.save({"format": 2, "method": "fastgan", "args": {}}, bad)
     with pytest.raises(UserError, match="fastgan"):
         I.main(common + ["--iters", "7", "--out", str(tmp_path / "y"), "--resume", bad])
     r = run(["--res", "48", "--out", str(tmp_path / "z")])
@@ -661,14 +662,14 @@ def test_resume_is_checked_before_the_data_is_read(tmp_path, monkeypatch):
     args = TINY + ["--iters", "2", "--out", str(out), "--resume", "auto"]
     with pytest.raises(UserError, match="cannot read checkpoint"):
         I.main(args)
-    torch.save({"method": "adafm", "args": {}}, last)
+    torch.save({"format": 2, "method": "adafm", "args": {}}, last)
     with pytest.raises(UserError, match="written by 'adafm', not 'insgen'"):
         I.main(args)
     a = vars(I.resolve_cfg(I.parse_args(TINY)))
-    torch.save({"method": "insgen", "args": {**a, "cmax": 64}}, last)
+    torch.save({"format": 2, "method": "insgen", "args": {**a, "cmax": 64}}, last)
     with pytest.raises(UserError, match="trained with --cmax 64, this run asks for 32: the architecture"):
         I.main(args)
-    torch.save({"method": "insgen", "args": a, "ins": {}}, last)
+    torch.save({"format": 2, "method": "insgen", "args": a, "ins": {}}, last)
     with pytest.raises(UserError, match="trains with InsGen"):
         I.main(args + ["--no-insgen"])
     assert not (out / "args.json").exists()

@@ -1,4 +1,4 @@
-"""--tensorboard (common.utils: a module-level writer fed by log_metrics, Progress and save_grid) and the Progress
+"""--tensorboard (common.output: a module-level writer fed by log_metrics, Progress and save_grid) and the Progress
 line: plain lines on a non-terminal stream, one live '\\r' bar on a terminal."""
 import io
 import json
@@ -11,8 +11,9 @@ import time
 import pytest
 import torch
 
-import common.utils as U
-from common.utils import Progress, UserError
+import common.output as U
+from common.output import Progress
+from common.run import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--data", "digits", "--res", "32", "--ngf", "8", "--ndf", "8", "--batch", "2", "--seed", "3", "--iters", "4",

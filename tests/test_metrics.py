@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import common.metrics as M
 from common.data import Dataset
-from common.utils import UserError
+from common.run import UserError
 
 
 class StandIn(torch.nn.Module):

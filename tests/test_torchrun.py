@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from common.utils import load_checkpoint
+from common.output import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,5 +1,6 @@
-"""common/utils.py: checkpoints, RNG state, resume resolution, errors, progress log."""
+"""common/run.py and common/output.py: checkpoints, RNG state, resume resolution, errors, progress log, full disk."""
 import argparse
+import errno
 import json
 import os
 import random
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.utils import (Dist, Progress, StopOnInterrupt, UserError, add_common_args, check_finite, load_checkpoint, pick_device,
-                          prepare_run_dir, resolve_resume, restore_rng, rng_state, save_checkpoint, set_rng_state)
+from common.output import (FORMAT, load_checkpoint, prepare_run_dir, Progress, resolve_resume, restore_rng, rng_state,
+                           save_checkpoint, set_rng_state)
+from common.run import add_common_args, check_finite, Distributed, pick_device, StopOnInterrupt, UserError
 
 
 def draws():
@@ -21,7 +23,7 @@ def draws():
 def test_checkpoint_roundtrip_restores_rng_with_weights_only(tmp_path):
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
     path = str(tmp_path / "ckpt" / "last.pt")
-    save_checkpoint({"method": "x", "step": 7, "rng": rng_state(), "w": torch.ones(2)}, path)
+    save_checkpoint({"format": 2, "method": "x", "step": 7, "rng": rng_state(), "w": torch.ones(2)}, path)
     expected = draws()
     assert not os.path.exists(path + ".tmp")
     ck = load_checkpoint(path)  # weights_only=True inside
@@ -38,18 +40,40 @@ def test_bad_checkpoint_is_one_clear_error(tmp_path):
         load_checkpoint(str(tmp_path / "nope.pt"))
 
 
-def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
-    path = str(tmp_path / "last.pt")
-    save_checkpoint({"step": 1}, path)
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch, err):
+    """A full disk (or a read-only one, or no permission) while writing a checkpoint: one UserError that names the
+    file, the reason and the last good checkpoint with its step; the previous file intact, no temp file left."""
+    path = str(tmp_path / "ckpt" / "last.pt")
+    save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
 
-    def boom(obj, f, *a, **k):
-        open(f, "wb").write(b"half")
-        raise RuntimeError("disk full")
-    monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(RuntimeError):
-        save_checkpoint({"step": 2}, path)
+    def boom(fd):  # the bytes are written, then the disk says no (as a full disk does at write or flush)
+        raise OSError(err, os.strerror(err))
+    monkeypatch.setattr(os, "fsync", boom)
+    want = (f"cannot write {path} ({os.strerror(err).lower()}); the last good checkpoint is {path} (iteration 1): "
+            "free space and rerun with --resume auto")
+    with pytest.raises(UserError) as e:
+        save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    assert str(e.value) == want
     monkeypatch.undo()
-    assert load_checkpoint(path)["step"] == 1  # the previous checkpoint survives
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(3)) and os.listdir(tmp_path / "ckpt") == ["last.pt"]
+
+
+def test_non_essential_writes_warn_once_and_go_on(tmp_path, monkeypatch, capsys):
+    """A sample grid that cannot be written warns once (training goes on); metrics.jsonl is essential."""
+    from common.output import log_metrics, save_grid
+
+    def boom(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "replace", boom)
+    for _ in range(2):
+        save_grid(torch.zeros(4, 3, 8, 8), str(tmp_path / "samples" / "000001.png"))
+    err = capsys.readouterr().err
+    assert err.count("warning: cannot write") == 1 and "no space left on device" in err
+    assert os.listdir(tmp_path / "samples") == []  # the temp file was removed
+    monkeypatch.setattr("builtins.open", boom)
+    with pytest.raises(UserError, match=r"cannot write .*metrics.jsonl \(no space left on device\)"):
+        log_metrics(str(tmp_path), {"iter": 1})
 
 
 def parse(argv):
@@ -82,7 +106,7 @@ def test_nan_and_device_and_batch_errors():
         with pytest.raises(UserError, match="no CUDA GPU"):
             pick_device("cuda")
     assert pick_device("cpu").type == "cpu"
-    d = Dist("cpu")
+    d = Distributed("cpu")
     assert d.world == 1 and d.per_rank_batch(8) == 8
     d.world = 3
     with pytest.raises(UserError, match="multiple of 3"):
@@ -101,19 +125,19 @@ def test_progress_prints_and_logs(tmp_path, capsys):
 
 
 def test_user_errors_print_one_line_and_exit_2():
-    code = "from common.utils import *\nwith user_errors():\n    raise UserError('bad thing: do X')"
+    code = "from common.run import *\nwith user_errors():\n    raise UserError('bad thing: do X')"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 2 and r.stderr == "error: bad thing: do X\n"
 
 
 def test_torchrun_ranks_share_rank0_run_dir(tmp_path):
-    """Under torchrun (gloo on CPU) Dist sets up the process group and every rank gets rank 0's default --out."""
+    """Under torchrun (gloo on CPU) Distributed sets up the process group and every rank gets rank 0's default --out."""
     script = tmp_path / "probe.py"
     script.write_text(
         "import argparse, time, sys\n"
-        "from common.utils import Dist, add_common_args, prepare_run_dir\n"
-        "d = Dist('cpu')\n"
+        "from common.run import Distributed, add_common_args\nfrom common.output import prepare_run_dir\n"
+        "d = Distributed('cpu')\n"
         "if d.rank == 1: time.sleep(1.5)  # a different clock second on rank 1\n"
         "p = argparse.ArgumentParser(); add_common_args(p, res=8, batch=2, iters=1, lr=1.0)\n"
         "a = p.parse_args([])\n"
@@ -159,20 +183,20 @@ def test_restore_rng_exact_on_rank0_distinct_on_other_ranks():
 
 
 def test_read_resume_and_resume_roundtrip(tmp_path, capsys):
-    """The skeleton's checkpoint path: read_resume checks file, method and the architecture flags (older checkpoints
-    without a flag take `defaults`), resume() loads every `saved` entry and the RNGs, a mismatch is one UserError."""
+    """The skeleton's checkpoint path: read_resume checks file, format, method and the architecture flags (a flag the
+    checkpoint lacks is a mismatch), resume() loads every `saved` entry and the RNGs, a mismatch is one UserError."""
     from types import SimpleNamespace
-    from common.utils import read_resume, resume
+    from common.output import read_resume, resume
     net = torch.nn.Linear(3, 2)
     saved = {"G": net, "opt_G": torch.optim.Adam(net.parameters())}
     args = argparse.Namespace(out=str(tmp_path), resume="auto", seed=0, res=32, width=8, ablate=False)
     assert read_resume(args, "m", ("res", "width")) == (None, None)  # auto without last.pt: a fresh start
     path = str(tmp_path / "ckpt" / "last.pt")
     torch.manual_seed(5)
-    save_checkpoint({"method": "m", "args": {"res": 32, "width": 8}, "step": 4, "rng": rng_state(), "best_fid": 3.0,
-                     **{k: v.state_dict() for k, v in saved.items()}}, path)
+    save_checkpoint({"format": FORMAT, "method": "m", "args": {"res": 32, "width": 8, "ablate": False}, "step": 4,
+                     "rng": rng_state(), "best_fid": 3.0, **{k: v.state_dict() for k, v in saved.items()}}, path)
     expected = torch.rand(2)
-    ck, p = read_resume(args, "m", ("res", "width", "ablate"), {"ablate": False})
+    ck, p = read_resume(args, "m", ("res", "width", "ablate"))
     net2 = torch.nn.Linear(3, 2)
     assert resume(ck, p, {"G": net2, "opt_G": torch.optim.Adam(net2.parameters())},
                   SimpleNamespace(rank=0, is_main=True), args) == (4, 3.0)
@@ -181,7 +205,7 @@ def test_read_resume_and_resume_roundtrip(tmp_path, capsys):
     with pytest.raises(UserError, match="trained with --width 8, this run asks for 16: the architecture"):
         read_resume(argparse.Namespace(**{**vars(args), "width": 16}), "m", ("res", "width"))
     with pytest.raises(UserError, match="trained with --ablate False, this run asks for True"):
-        read_resume(argparse.Namespace(**{**vars(args), "ablate": True}), "m", ("ablate",), {"ablate": False})
+        read_resume(argparse.Namespace(**{**vars(args), "ablate": True}), "m", ("ablate",))
     with pytest.raises(UserError, match="written by 'm', not 'other'"):
         read_resume(args, "other")
     with pytest.raises(UserError, match="does not match the networks"):
@@ -192,7 +216,8 @@ def test_style_mix_grid_layout_and_bench_timer(tmp_path):
     """save_style_mix (eval.py --mix and the end of training): white corner, top row a, left column b, cell (r, c) =
     style_mix(a_c, b_r), whatever the chunking; time_steps: n + 1 timed calls."""
     from PIL import Image
-    from common.utils import SamplerBase, save_style_mix, time_steps
+    from common.run import time_steps
+    from common.sampling import SamplerBase, save_style_mix
 
     class Toy(SamplerBase):  # image = colour from the latent; style_mix: red from a, green and blue from b
         res = 4
@@ -227,7 +252,7 @@ def test_style_mix_grid_layout_and_bench_timer(tmp_path):
 def test_per_sample_noise_rows_are_their_own_seeds_draws(n, size, monkeypatch):
     """Row i of a PerSampleNoise map is exactly torch.randn from seeds[i]'s own generator, drawn serially for small
     maps and by a thread pool for large ones (2^21 values here), and successive calls continue each row's stream."""
-    from common.utils import PerSampleNoise
+    from common.sampling import PerSampleNoise
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     seeds = [11 * i + 3 for i in range(n)]
     gens = [torch.Generator().manual_seed(s) for s in seeds]

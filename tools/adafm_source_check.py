@@ -7,8 +7,8 @@ iterations (resuming, so it is one run) until --minutes pass, and after each chu
 pixel std over 256 z, the D outputs, s/iteration (the chunk's wall clock, start-up included, / --chunk) and a
 grid of 64 raw-G samples:
 
-    python tests/adafm_source_check.py --out $OUT                 # GPU: 128 px, nf 32, batch 64, 8 minutes
-    python tests/adafm_source_check.py --out /tmp/s --quick       # the same code at 32 px, nf 4, 2 chunks (CPU)
+    python tools/adafm_source_check.py --out $OUT                 # GPU: 128 px, nf 32, batch 64, 8 minutes
+    python tools/adafm_source_check.py --out /tmp/s --quick       # the same code at 32 px, nf 4, 2 chunks (CPU)
 
 Writes <out>/source_check.jsonl (one line per chunk), <out>/raw_<step>.png and the run in <out>/run. A source that
 learns shows std over z rising towards the data's (printed at the start) and varied digits in the grids.
@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 
 import adafm  # noqa: E402
 from common.data import load_dataset  # noqa: E402
-from common.utils import load_checkpoint, save_grid  # noqa: E402
+from common.output import load_checkpoint, save_grid  # noqa: E402
 
 
 def raw_g_stats(ckpt_path, n=256, seed=0):

@@ -1,9 +1,9 @@
 """Speed report for a GPU machine: every method's --bench at its paper configuration, fp32 vs --amp (FastGAN also
 channels-last on/off), s/iteration, s/kimg and peak GPU memory, with the GPU's name and the torch/CUDA versions.
 
-    python tests/gpu_report.py --out gpu-report          # ~6-8 min on one H200 (2026-11-30: the FastGAN rows and
+    python tools/gpu_report.py --out gpu-report          # ~6-8 min on one H200 (2026-11-30: the FastGAN rows and
                                                          # InsGen auto fp32, at 32 iterations then, took 300 s)
-    python tests/gpu_report.py --out /tmp/r --quick      # the same code at toy sizes (CPU: ~1 min)
+    python tools/gpu_report.py --out /tmp/r --quick      # the same code at toy sizes (CPU: ~1 min)
 
 Writes <out>/gpu_report.json and <out>/gpu_report.md. Each row calls the script's own bench(args) in this process
 (the function behind `--bench N`: a fixed random batch, no data, no files; one warm-up iteration excluded):

@@ -1,0 +1,349 @@
+"""What a run writes and reads back: the run directory and args.json, progress lines and metrics.jsonl (and
+TensorBoard), sample grids, checkpoints (versioned, written atomically) and resuming them with the RNG states.
+
+A write that fails (full disk, read-only file system, no permission) never corrupts a run: files are written to a
+temp file and renamed, and the temp file is removed on failure. A checkpoint, args.json or metrics.jsonl that cannot
+be written ends the run with one UserError line naming the file, the reason and the last good checkpoint; a sample
+grid or a TensorBoard event that cannot be written warns once and training goes on (they are not needed to resume)."""
+import io
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.distributed
+
+from common.run import UserError, seed_everything
+
+FORMAT = 2  # checkpoint format: older checkpoints are refused (check_checkpoint)
+_SAVED = {"path": None, "step": None}  # the last checkpoint written or resumed: what a failed write reports as safe
+_WARNED = set()
+
+
+def write_error(path, e):
+    """The UserError of a failed essential write: the file, the reason, what is safe."""
+    reason = os.strerror(e.errno).lower() if getattr(e, "errno", None) else str(e)
+    safe = (f"the last good checkpoint is {_SAVED['path']} (iteration {_SAVED['step']}): free space and rerun with "
+            "--resume auto" if _SAVED["path"] else "no checkpoint was written yet: free space and rerun")
+    return UserError(f"cannot write {path} ({reason}); {safe}")
+
+
+@contextmanager
+def writing(path, essential=True, atomic=True):
+    """Yield the file name to write `path` through (<path>.tmp, renamed on success when atomic). On an OSError the
+    temp file is removed, then an essential file raises write_error; another warns once and the run goes on."""
+    tmp = path + ".tmp" if atomic else path
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        yield tmp
+        if atomic:
+            os.replace(tmp, path)
+    except OSError as e:
+        if atomic and os.path.exists(tmp):
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+        if essential:
+            raise write_error(path, e) from None
+        warn_once(path, e)
+
+
+def warn_once(what, e):
+    if what not in _WARNED:
+        _WARNED.add(what)
+        print(f"warning: cannot write {what} ({os.strerror(e.errno).lower() if e.errno else e}); training goes on",
+              file=sys.stderr, flush=True)
+
+
+def prepare_run_dir(args, method, is_main=True):
+    """Fill in args.out, make <out>/samples and <out>/ckpt, write args.json. Returns the run directory.
+    Under torchrun every rank gets rank 0's default directory name (the clocks of the ranks may differ)."""
+    if args.out is None:
+        data = os.path.basename(os.path.normpath(str(args.data)))
+        box = [os.path.join("runs", f"{method}-{data}-{args.res}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")]
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.broadcast_object_list(box, 0)
+        args.out = box[0]
+    if is_main:
+        with writing(os.path.join(args.out, "args.json")) as tmp, open(tmp, "w") as f:
+            for sub in ("samples", "ckpt"):
+                os.makedirs(os.path.join(args.out, sub), exist_ok=True)
+            json.dump(vars(args), f, indent=1)
+        if getattr(args, "tensorboard", False):
+            open_tensorboard(os.path.join(args.out, "tb"))
+    return args.out
+
+
+# --tensorboard: one writer per process, opened by prepare_run_dir (main process only) and fed by log_metrics,
+# Progress and save_grid, i.e. from the very values metrics.jsonl, the progress line and samples/ get.
+_TB = {"writer": None, "step": 0}
+
+
+def summary_writer_class():
+    """torch.utils.tensorboard.SummaryWriter, imported lazily; without the tensorboard package one UserError line."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard (or run without "
+                        "--tensorboard)")
+    return SummaryWriter
+
+
+def open_tensorboard(logdir, writer=None):
+    """Start logging to TensorBoard in `logdir` (`writer`: an object with add_scalar/add_image/close to use instead of
+    a SummaryWriter). Returns the writer."""
+    import atexit
+    close_tensorboard()
+    _TB["writer"] = writer if writer is not None else summary_writer_class()(log_dir=logdir)
+    _TB["step"] = 0
+    atexit.register(close_tensorboard)
+    return _TB["writer"]
+
+
+def close_tensorboard():
+    if _TB["writer"] is not None:
+        _tb("close")
+        _TB["writer"] = None
+
+
+def _tb(method, *a):
+    """One TensorBoard call; a write that fails warns once and training goes on (not essential)."""
+    if _TB["writer"] is not None:
+        try:
+            getattr(_TB["writer"], method)(*a)
+        except OSError as e:
+            warn_once("the TensorBoard log", e)
+
+
+def tb_scalars(record, step=None):
+    """Every number of `record` (bools and non-numbers skipped; 'iter'/'step' is the x axis) as a TensorBoard scalar."""
+    if _TB["writer"] is None:
+        return
+    step = record.get("iter", record.get("step", _TB["step"])) if step is None else step
+    _TB["step"] = int(step)
+    for k, v in record.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if k not in ("iter", "step") and isinstance(v, (int, float)) and not isinstance(v, bool):
+            _tb("add_scalar", k, float(v), int(step))
+
+
+def log_metrics(out, record):
+    """Append one JSON line to <out>/metrics.jsonl (and its numbers to TensorBoard with --tensorboard)."""
+    path = os.path.join(out, "metrics.jsonl")
+    with writing(path, atomic=False), open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    tb_scalars(record)
+
+
+class Progress:
+    """Prints 'it 120/50000 | 3.41 it/s | ETA 4h03m | loss_d 0.52 loss_g 1.20' every `every` iterations and appends
+    the same numbers as {"iter": it, ...} to <out>/metrics.jsonl when `out` is given (it/s to TensorBoard). On a
+    terminal (`stream`, default sys.stdout) the text is one live line '[#####.....]  42% it ...' rewritten in place
+    (at most every `refresh` s between log steps) and ended with a newline at the last iteration."""
+
+    def __init__(self, total, start=0, every=100, enabled=True, out=None, stream=None, refresh=0.5):
+        self.total, self.every, self.enabled, self.out = total, every, enabled, out
+        self.t0, self.i0 = time.time(), start
+        self.stream, self.refresh, self._shown, self._width = stream, refresh, 0.0, 0
+
+    def rate(self, it):
+        return (it - self.i0) / max(time.time() - self.t0, 1e-9)
+
+    def line(self, it, r, losses):
+        h, m = divmod(int((self.total - it) / max(r, 1e-9)) // 60, 60)
+        vals = " ".join(f"{k} {float(v):.4g}" for k, v in losses.items())
+        return f"it {it}/{self.total} | {r:.3g} it/s | ETA {h}h{m:02d}m | {vals}"
+
+    def __call__(self, it, **losses):
+        if not self.enabled:
+            return
+        stream = self.stream or sys.stdout
+        due = not (it % self.every and it != self.total)
+        tty = bool(getattr(stream, "isatty", lambda: False)())
+        if not due and not (tty and time.time() - self._shown >= self.refresh):  # float(loss) may wait for the GPU
+            return
+        r = self.rate(it)
+        text = self.line(it, r, losses)
+        if tty:
+            frac = min(max(it / max(self.total, 1), 0.0), 1.0)
+            text = f"[{'#' * int(frac * 20):.<20}] {frac * 100:3.0f}% {text}"
+            pad = " " * max(self._width - len(text), 0)  # blank what a longer previous bar left
+            self._width = len(text)
+            stream.write("\r" + text + pad + ("\n" if it >= self.total else ""))
+            stream.flush()
+            self._shown = time.time()
+        else:
+            print(text, file=stream, flush=True)
+        if due:
+            tb_scalars({"it_per_s": r}, it)
+            if self.out:
+                log_metrics(self.out, {"iter": it, **{k: float(v) for k, v in losses.items()}})
+
+
+def to_uint8(x):
+    """[-1, 1] float NCHW -> uint8 NCHW."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def save_grid(images, path, nrow=None, essential=False):
+    """Save a [-1, 1] NCHW batch as one PNG grid (temp file, then rename); with --tensorboard also as an image
+    ('samples' for samples/<step>.png, else the file's stem). A training grid is not essential (see the docstring)."""
+    import torchvision.utils as vutils
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
+    grid = vutils.make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=nrow, normalize=True, value_range=(-1, 1))
+    with writing(path, essential) as tmp:
+        vutils.save_image(grid, tmp, format="png")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    m = re.fullmatch(r"(.*?)_?(\d+)", stem)  # 000100 -> ('samples', 100); mix_000100 -> ('mix', 100)
+    tag, step = ((m.group(1) or "samples"), int(m.group(2))) if m else (stem, _TB["step"])
+    _tb("add_image", tag, grid, step)
+    return path
+
+
+def save_checkpoint(obj, path):
+    """torch.save through a temp file and a rename: a crash or a full disk never corrupts the previous checkpoint.
+    Serialised in memory first, so a failed write is an OSError with its reason (torch.save's own file writer only
+    says 'unexpected pos'). Records the file as the last good checkpoint."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with writing(path) as tmp, open(tmp, "wb") as f:
+        f.write(buf.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
+    if isinstance(obj, dict) and "step" in obj:
+        _SAVED.update(path=path, step=obj["step"])
+
+
+def load_checkpoint(path, map_location="cpu"):
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist: pass the path of a .pt file or a run directory")
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                        "is it a complete file written by this project?")
+
+
+def check_checkpoint(ckpt, path, method=None):
+    """A training checkpoint of this project's format FORMAT (written by `method` when given); returns its method."""
+    got = ckpt.get("method") if isinstance(ckpt, dict) else None
+    if got is None:
+        raise UserError(f"{path} is not a checkpoint written by this project's fastgan/insgen/adafm/disp.py")
+    if ckpt.get("format") != FORMAT:
+        raise UserError(f"checkpoint {path} has format {ckpt.get('format', 1)}, this code reads format {FORMAT}: "
+                        "it was written by an older version of the project; retrain, or load it with that version")
+    if method is not None and got != method:
+        raise UserError(f"checkpoint {path} was written by {got!r}, not {method!r}: load it with {got}.py")
+    return got
+
+
+def checkpoint_state(method, args, step, saved, **extra):
+    """The checkpoint of a run: format, method, args, step, RNG states, every entry of `saved` (checkpoint key ->
+    object with state_dict(): networks, optimizers, ...) and `extra`. resume() loads the same entries back."""
+    return {"format": FORMAT, "method": method, "args": vars(args), "step": step, "rng": rng_state(),
+            **{k: v.state_dict() for k, v in saved.items()}, **extra}
+
+
+def run_checkpoint(args):
+    """<out>/ckpt/last.pt of this run if it exists, else None (also when --out is not set yet)."""
+    path = os.path.join(args.out, "ckpt", "last.pt") if getattr(args, "out", None) else None
+    return path if path and os.path.isfile(path) else None
+
+
+def resolve_resume(args):
+    """--resume auto -> <out>/ckpt/last.pt if present (else None: fresh start); --resume PATH -> PATH (must exist)."""
+    if not args.resume:
+        return None
+    if args.resume == "auto":
+        return run_checkpoint(args)
+    if not os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume}: no such checkpoint file (use --resume auto to start fresh when none exists)")
+    return args.resume
+
+
+def check_flags(ckpt, path, args, names):
+    """The flags `names` (they fix the networks' shapes) must be the checkpoint's."""
+    for k in names:
+        if ckpt["args"].get(k) != getattr(args, k):
+            raise UserError(f"checkpoint {path} was trained with --{k.replace('_', '-')} {ckpt['args'].get(k)}, this "
+                            f"run asks for {getattr(args, k)}: the architecture must be the same (use the same flags, "
+                            "or a new --out)")
+
+
+def read_resume(args, method, arch=()):
+    """--resume, read and checked before any expensive set-up (data, priors, source weights, networks):
+    (checkpoint, path) of a readable checkpoint written by `method` with the flags `arch` (they fix the networks'
+    shapes) unchanged; (None, None) for a fresh start. A fresh start into an --out that holds a run is refused."""
+    if getattr(args, "tensorboard", False):
+        summary_writer_class()  # --tensorboard without the package: fail here, before any slow set-up
+    path = resolve_resume(args)
+    ckpt = None
+    if path:
+        ckpt = load_checkpoint(path)
+        check_checkpoint(ckpt, path, method)
+        check_flags(ckpt, path, args, arch)
+    mine = run_checkpoint(args)
+    if mine and not (path and os.path.samefile(path, mine)):
+        # a fresh start (or a resume from elsewhere) would overwrite this run's checkpoint at its first save
+        raise UserError(f"--out {args.out} already holds a run ({mine}): add --resume auto to continue it, or pick a "
+                        "new --out (nothing was written)")
+    return ckpt, path
+
+
+def load_state_dicts(ckpt, path, saved):
+    """obj.load_state_dict(ckpt[k]) for every entry k -> obj of `saved`; a mismatch is one UserError line."""
+    try:
+        for k, obj in saved.items():
+            obj.load_state_dict(ckpt[k])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UserError(f"checkpoint {path} does not match the networks these flags build ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160]}): use the run's own flags, or a new --out")
+
+
+def resume(ckpt, path, saved, ddp, args):
+    """Continue a run: every entry of `saved` from the checkpoint, then the RNG states (restore_rng).
+    Returns (step, best FID)."""
+    load_state_dicts(ckpt, path, saved)
+    step = ckpt["step"]
+    restore_rng(ckpt["rng"], ddp.rank, args.seed, step)
+    _SAVED.update(path=path, step=step)
+    if ddp.is_main:
+        print(f"resumed from {path} at iteration {step}", flush=True)
+    return step, ckpt.get("best_fid", float("inf"))
+
+
+def rng_state():
+    """All RNG states in a form torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st):
+    torch.set_rng_state(st["torch"])
+    v, s, g = st["python"]
+    random.setstate((v, tuple(s), g))
+    n = st["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def restore_rng(state, rank, seed, step):
+    """Resume. One process: its saved RNG state, exactly (same losses as an uninterrupted run). Under torchrun only
+    rank 0's state is saved: ranks > 0 reseed from (seed, rank, step), distinct streams per rank (not rank 0's copy),
+    reproducible, but not bit-equal to an uninterrupted multi-process run."""
+    set_rng_state(state)
+    if rank:
+        seed_everything(seed + 1000 * rank + 7919 * step)
