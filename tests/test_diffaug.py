@@ -1,4 +1,4 @@
-"""common/diffaug.py against the reference formulas (../shared/specs/common.md)."""
+"""common/diffaug.py against the DiffAugment reference formulas (DiffAugment_pytorch.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
