@@ -47,8 +47,10 @@ def add_common_args(p, *, res, batch, iters, lr, data="digits", sample_every=100
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--resume", default=None, help="'auto' (continue <out>/ckpt/last.pt if it exists) or a checkpoint path")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA and CPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the networks whose training needs no double "
-                   "backward (the script's docstring says which); slow first iterations")
+    g.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                   help="torch.compile the networks whose training needs no double backward (the script's docstring "
+                   "says which), in this mode (bare --compile: default; reduce-overhead captures CUDA graphs); slow "
+                   "first iterations")
     g.add_argument("--workers", type=int, default=2, help="data-loading workers for large (streamed) datasets")
     g.add_argument("--log-every", type=int, default=log_every, help="print a progress line every N iterations")
     g.add_argument("--sample-every", type=int, default=sample_every, help="write samples/<step>.png every N iterations")
@@ -61,6 +63,9 @@ def add_common_args(p, *, res, batch, iters, lr, data="digits", sample_every=100
     g.add_argument("--bench", type=int, default=0, help="time N iterations on a fixed random batch at --res/--batch "
                    "after one warm-up, print s/iteration and s/kimg, exit (reads no data, writes nothing)")
     return g
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 def seed_everything(seed):
@@ -206,14 +211,15 @@ def bench(steps, n, device, batch, what="", block=1):
     return sec
 
 
-def compiled(model, on):
-    """--compile: torch.compile(model) for the training passes (checkpoints keep the plain module). Layers that share
-    one forward() at many shapes recompile per shape: the limit is raised from 8 so none falls back to eager."""
-    if not on:
+def compiled(model, mode):
+    """--compile MODE: torch.compile(model, mode) for the training passes (checkpoints keep the plain module); None:
+    the model itself. Layers that share one forward() at many shapes recompile per shape: the limit is raised from 8
+    so none falls back to eager."""
+    if not mode:
         return model
     import torch._dynamo
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(model)
+    return torch.compile(model, mode=None if mode == "default" else mode)
 
 
 def autocast(device, enabled):
