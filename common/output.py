@@ -55,11 +55,12 @@ def writing(path, essential=True, atomic=True):
         warn_once(path, e)
 
 
-def warn_once(what, e):
-    if what not in _WARNED:
-        _WARNED.add(what)
-        print(f"warning: cannot write {what} ({os.strerror(e.errno).lower() if e.errno else e}); training goes on",
-              file=sys.stderr, flush=True)
+def warn_once(path, e):
+    """One warning per folder (samples/, tb/): a run that cannot write its pictures says so once and goes on."""
+    if os.path.dirname(path) not in _WARNED:
+        _WARNED.add(os.path.dirname(path))
+        print(f"warning: cannot write {path} ({os.strerror(e.errno).lower() if e.errno else e}); training goes on "
+              "(not needed to resume; further failures in that folder are not reported)", file=sys.stderr, flush=True)
 
 
 def prepare_run_dir(args, method, is_main=True):
@@ -119,7 +120,7 @@ def _tb(method, *a):
         try:
             getattr(_TB["writer"], method)(*a)
         except OSError as e:
-            warn_once("the TensorBoard log", e)
+            warn_once(os.path.join(getattr(_TB["writer"], "log_dir", "tb"), "events"), e)
 
 
 def tb_scalars(record, step=None):
@@ -265,7 +266,8 @@ def resolve_resume(args):
     if args.resume == "auto":
         return run_checkpoint(args)
     if not os.path.isfile(args.resume):
-        raise UserError(f"--resume {args.resume}: no such checkpoint file (use --resume auto to start fresh when none exists)")
+        raise UserError(f"--resume {args.resume}: no such checkpoint file (use --resume auto to start fresh when none "
+                        "exists)")
     return args.resume
 
 
@@ -284,6 +286,8 @@ def read_resume(args, method, arch=()):
     shapes) unchanged; (None, None) for a fresh start. A fresh start into an --out that holds a run is refused."""
     if getattr(args, "tensorboard", False):
         summary_writer_class()  # --tensorboard without the package: fail here, before any slow set-up
+    _SAVED.update(path=None, step=None)  # a new run (several can run in one process: tests, tools)
+    _WARNED.clear()
     path = resolve_resume(args)
     ckpt = None
     if path:

@@ -40,12 +40,14 @@ def add_common_args(p, *, res, batch, iters, lr, data="digits", sample_every=100
                    help="squash: resize to res x res; center: centre-crop a square, then resize")
     g.add_argument("--no-flip", action="store_true", help="disable random horizontal flips of real images")
     g.add_argument("--batch", type=int, default=batch, help="total batch size (split across torchrun processes)")
-    g.add_argument("--iters", type=int, default=iters, help="total training iterations (a resumed run stops at the same total)")
+    g.add_argument("--iters", type=int, default=iters,
+                   help="total training iterations (a resumed run stops at the same total)")
     g.add_argument("--lr", type=float, default=lr, help="learning rate")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--out", default=None, help="run directory (default runs/<method>-<data>-<res>-<seed>-<time>)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--resume", default=None, help="'auto' (continue <out>/ckpt/last.pt if it exists) or a checkpoint path")
+    g.add_argument("--resume", default=None,
+                   help="'auto' (continue <out>/ckpt/last.pt if it exists) or a checkpoint path")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA and CPU)")
     g.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                    help="torch.compile the networks whose training needs no double backward (the script's docstring "
@@ -87,7 +89,8 @@ def pick_device(name="auto", local_rank=0):
 class Distributed:
     """This process's place in a run. Under `torchrun` (any --nproc_per_node, 1 included) it initialises
     torch.distributed (NCCL on CUDA, gloo on CPU) and `wrap` returns DistributedDataParallel modules; otherwise `on`
-    is False and everything is a no-op. On CUDA it also turns on cuDNN's autotuner (every loop here has fixed shapes)."""
+    is False and everything is a no-op. On CUDA it also turns on cuDNN's autotuner (every loop here has fixed
+    shapes)."""
 
     def __init__(self, device_arg="auto"):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -104,7 +107,8 @@ class Distributed:
 
     def per_rank_batch(self, batch):
         if batch % self.world:
-            raise UserError(f"--batch {batch} does not split over {self.world} processes: use a multiple of {self.world}")
+            raise UserError(f"--batch {batch} does not split over {self.world} processes: use a multiple of "
+                            f"{self.world}")
         return batch // self.world
 
     def barrier(self):
@@ -207,7 +211,8 @@ def bench(steps, n, device, batch, what="", block=1):
     print(f"bench: {what} device {device} batch {batch} threads {torch.get_num_threads()}, medians of "
           f"{math.ceil(n / block)} blocks of {block}", flush=True)
     for name, s in sec.items():
-        print(f"bench: {name:<24} {s:.3f} s/iteration {s * 1000 / batch:8.1f} s/kimg {s / max(first, 1e-12):5.2f}x", flush=True)
+        print(f"bench: {name:<24} {s:.3f} s/iteration {s * 1000 / batch:8.1f} s/kimg {s / max(first, 1e-12):5.2f}x",
+              flush=True)
     return sec
 
 
