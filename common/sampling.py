@@ -227,7 +227,7 @@ class SamplerBase:
 
 
 @torch.no_grad()
-def save_style_mix(sampler, path, seed=0, n_a=6, n_b=4, batch=64):
+def save_style_mix(sampler, path, seed=0, n_a=6, n_b=4, batch=64, essential=False):
     """The style-mixing grid (eval.py --mix, and samples/style_mix.png at the end of training): a blank corner, the
     top row n_a samples a, the left column n_b samples b, cell (row r, column c) = sampler.style_mix(a_c, b_r)
     (a's coarse part, b's fine part; what each method swaps is in its Sampler.style_mix)."""
@@ -240,5 +240,4 @@ def save_style_mix(sampler, path, seed=0, n_a=6, n_b=4, batch=64):
     ia, ib, mixed = cat(sampler.generate, za), cat(sampler.generate, zb), cat(sampler.style_mix, a_rep, b_rep)
     rows = [torch.cat([torch.ones_like(ia[:1]), ia])]
     rows += [torch.cat([ib[r:r + 1], mixed[r * n_a:(r + 1) * n_a]]) for r in range(n_b)]
-    save_grid(torch.cat(rows), path, nrow=n_a + 1)
-    return path
+    return save_grid(torch.cat(rows), path, nrow=n_a + 1, essential=essential)

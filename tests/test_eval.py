@@ -105,6 +105,9 @@ def world(tmp_path_factory):
         ckpt = {"format": 2, "method": method, "args": args, "step": 5, "G_ema": state}
         torch.save(ckpt, d / name / "ckpt" / "last.pt")
     torch.save({**ckpt, "method": "tinygan_test", "step": 9}, d / "run" / "ckpt" / "best.pt")
+    os.makedirs(d / "old" / "ckpt")  # an older checkpoint format (no "format" entry): refused in one line
+    old = {k: v for k, v in ckpt.items() if k != "format"} | {"method": "tinygan_test"}
+    torch.save(old, d / "old" / "ckpt" / "last.pt")
     os.makedirs(d / "empty")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -118,15 +121,18 @@ def tiles(png, res, nrow, pad=2):
     a = np.asarray(Image.open(png).convert("RGB"))
     rows, cols = (a.shape[0] - pad) // (res + pad), (a.shape[1] - pad) // (res + pad)
     assert cols == nrow and a.shape == (rows * (res + pad) + pad, cols * (res + pad) + pad, 3)
-    return np.stack([a[pad + r * (res + pad):pad + r * (res + pad) + res, pad + c * (res + pad):pad + c * (res + pad) + res]
+    step = res + pad
+    return np.stack([a[pad + r * step:pad + r * step + res, pad + c * step:pad + c * step + res]
                      for r in range(rows) for c in range(cols)]).astype(np.int16)
 
 
 def png_u8(x):
     """What save_grid writes for [-1,1] images: make_grid normalises to [0,1], save_image does x*255+0.5."""
-    return ((x.clamp(-1, 1) + 1) / 2 * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy().astype(np.int16)
+    u8 = ((x.clamp(-1, 1) + 1) / 2 * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+    return u8.permute(0, 2, 3, 1).numpy().astype(np.int16)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_metrics_and_images(world, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(world), ROOT]), "TORCH_HOME": str(tmp_path / "th"),
            "GAN_INCEPTION_URL": "none"}
@@ -184,7 +190,8 @@ def test_fake_dir(world, tmp_path, clean_env):
     out = {}
     for name in ("copies", "noise"):
         E.main(["--fake-dir", str(tmp_path / name), "--data", "digits", "--metrics", "fid,kid", "--inception",
-                str(world / "tiny.pt"), "--cache-dir", str(tmp_path / "stats"), "--grid", "--grid-n", "4", "--mem-grid"])
+                str(world / "tiny.pt"), "--cache-dir", str(tmp_path / "stats"), "--grid", "--grid-n", "4",
+                "--mem-grid"])
         out[name] = json.load(open(tmp_path / f"{name}_eval" / "fakes-metrics.json"))
         assert out[name]["n_fake"] == 150 and out[name]["n_real"] == 1797 and out[name]["res"] == 8
     c, n = out["copies"], out["noise"]
@@ -195,7 +202,8 @@ def test_fake_dir(world, tmp_path, clean_env):
     mem = tiles(tmp_path / "copies_eval" / "fakes-mem.png", 8, 4)  # rows: fake, then its 3 nearest training images
     assert mem.shape[0] == 32 and all((mem[4 * r] == mem[4 * r + 1]).all() for r in range(8))
     assert all(row["nn"][0] == 9 * row["fake"] or row["dist"][0] < 1e-5 for row in c["mem_grid_rows"])
-    assert (tiles(tmp_path / "copies_eval" / "fakes-grid.png", 8, 2) == png_u8(reals[:4 * 9:9].float() / 127.5 - 1)).all()
+    grid = tiles(tmp_path / "copies_eval" / "fakes-grid.png", 8, 2)
+    assert (grid == png_u8(reals[:4 * 9:9].float() / 127.5 - 1)).all()
     with pytest.raises(UserError, match="--interp and --mix need a checkpoint"):
         E.main(["--fake-dir", str(tmp_path / "noise"), "--metrics", "none", "--interp"])
 
@@ -205,6 +213,7 @@ def test_errors_are_one_clear_line(world, tmp_path, monkeypatch, clean_env):
     cases = [([str(tmp_path / "nope.pt")], "does not exist"),
              ([str(world / "empty")], "holds no checkpoint"),
              ([str(world / "alien")], "no_such_method_xyz"),
+             ([str(world / "old")], "has format 1, this code reads format 2"),
              ([str(world / "nomix"), "--metrics", "none", "--mix"], "no style_mix"),
              ([str(world / "nomix"), "--metrics", "none", "--grid", "--psi", "0.5"], "truncation"),
              ([run, "--metrics", "fid,is"], "unknown is"),

@@ -28,7 +28,7 @@ def tiny_ckpts(d):
         torch.save({"format": 2, "method": method, "args": args, "step": 1, "G_ema": G.state_dict(), **extra}, path)
         out[method] = str(path)
 
-    a = {"res": 32, "ngf": 4, "ndf": 4, "nz": 8, "sample_bn": "copy", "data": "digits"}
+    a = vars(fg.parse_args(["--res", "32", "--ngf", "4", "--ndf", "4", "--nz", "8", "--sample-bn", "copy"]))
     G = fg.Generator(32, 4, 8)
     with torch.no_grad():  # non-trivial noise strength and BN statistics
         for m in G.modules():
@@ -86,7 +86,7 @@ def test_batch_dependent_samplers_go_one_seed_per_call(ckpts, tmp_path):
     import fastgan as fg
     ck = torch.load(ckpts["fastgan"], weights_only=True)
     s = fg.load_for_sampling(ck, "cpu", bn="batch")
-    assert not E.batch_independent(s) and E.batch_independent(fg.load_for_sampling(ck, "cpu", bn="copy"))
+    assert not s.batch_independent and fg.load_for_sampling(ck, "cpu", bn="copy").batch_independent
     z = s.latents(3, 0)
     assert not torch.equal(s.generate(z)[:1], s.generate(z[:1]))  # the reason
     calls = []
@@ -97,7 +97,7 @@ def test_batch_dependent_samplers_go_one_seed_per_call(ckpts, tmp_path):
     si = E.load_sampler(E.import_method(torch.load(ckpts["insgen"], weights_only=True), "insgen"),
                         torch.load(ckpts["insgen"], weights_only=True), torch.device("cpu"), {})
     z = si.latents(3, 0)
-    assert si.noise == "random" and not E.batch_independent(si)
+    assert si.noise == "random" and not si.batch_independent
     assert not torch.equal(si.generate(z)[:1], si.generate(z[:1]))  # one noise seed per call, from all its latents
     E.main([ckpts["fastgan"], "--metrics", "none", "--sampler-opt", "bn=batch", "--save-images", str(tmp_path / "a"),
             "--seeds", "3-5", "--batch", "3"])

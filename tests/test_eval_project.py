@@ -119,7 +119,7 @@ def test_project_cli(ckpts, tmp_path, capsys):
                 str(tmp_path / "a.png")])
     with pytest.raises(UserError, match="--holdout is the held-out set of --mem-project"):
         E.main([ckpts["insgen"], "--metrics", "none", "--holdout", str(tmp_path)])
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="--vgg-weights .*no such file"):  # a given LPIPS file must exist
         E.main([ckpts["insgen"], "--metrics", "none", "--project", str(tmp_path / "a.png"), "--vgg-weights",
                 str(tmp_path / "none.pth")])
 
@@ -127,7 +127,7 @@ def test_project_cli(ckpts, tmp_path, capsys):
 def test_project_with_lpips_when_weights_are_local(ckpts, tmp_path, monkeypatch, capsys):
     """The LPIPS branch with a stand-in network (the real VGG16 weights are not on this machine): the files load by
     LPIPS' key names, the loss is mse + lpips, and both are reported."""
-    import fastgan
+    import common.weights
 
     class Tiny(torch.nn.Module):
         def __init__(self):
@@ -138,7 +138,7 @@ def test_project_with_lpips_when_weights_are_local(ckpts, tmp_path, monkeypatch,
         def forward(self, x, y):
             return self.lins[0]((self.features(x) - self.features(y)) ** 2).mean((1, 2, 3)).abs()
 
-    monkeypatch.setattr(fastgan, "LPIPSVGG", Tiny)
+    monkeypatch.setattr(common.weights, "LPIPS", Tiny)
     t = Tiny()
     torch.save({f"features.{k}": v for k, v in t.features.state_dict().items()}, tmp_path / "vgg.pth")
     torch.save({"lin0.model.1.weight": t.lins[0].weight.detach()}, tmp_path / "lin.pth")
