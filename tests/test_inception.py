@@ -152,9 +152,9 @@ def test_training_eval_and_eval_py_offline(digits_cache, tmp_path):
     --inception flag, reuse the cached real statistics, and write the protocol string next to the numbers."""
     cache, _ = digits_cache
     env, run = _fresh_env(cache), tmp_path / "run"
-    cmd = [sys.executable, "fastgan.py", "--data", "digits", "--res", "32", "--ngf", "16", "--ndf", "16", "--batch", "4",
-           "--iters", "2", "--eval-every", "2", "--eval-n", "24", "--log-every", "1", "--sample-every", "2",
-           "--out", str(run)]
+    cmd = [sys.executable, "fastgan.py", "--data", "digits", "--res", "32", "--ngf", "16", "--ndf", "16", "--batch",
+           "4", "--recon", "mse", "--iters", "2", "--eval-every", "2", "--eval-n", "24", "--log-every", "1",
+           "--sample-every", "2", "--out", str(run)]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "metrics off" not in r.stdout and "downloading" not in r.stdout
@@ -182,7 +182,8 @@ def test_fastgan_toy_learns_by_kid_and_beats_colour_blobs(digits_cache, tmp_path
     torch.set_num_threads(1)  # tiny nets: one thread is as fast and deterministic
     try:
         fg.main(["--data", "digits", "--res", "32", "--ngf", "8", "--ndf", "8", "--batch", "8", "--iters", "300",
-                 "--seed", "0", "--log-every", "100", "--sample-every", "1000", "--out", str(tmp_path)])
+                 "--recon", "mse", "--seed", "0", "--log-every", "100", "--sample-every", "1000",
+                 "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     trained = fg.load_for_sampling(load_checkpoint(str(tmp_path / "ckpt" / "last.pt")), "cpu").sample(128, 1)

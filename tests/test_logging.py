@@ -17,7 +17,7 @@ from common.run import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--data", "digits", "--res", "32", "--ngf", "8", "--ndf", "8", "--batch", "2", "--seed", "3", "--iters", "4",
-        "--log-every", "1", "--sample-every", "2", "--ckpt-every", "1000", "--device", "cpu"]
+        "--log-every", "1", "--sample-every", "2", "--ckpt-every", "1000", "--device", "cpu", "--recon", "mse"]
 
 
 class FakeWriter:

@@ -40,7 +40,8 @@ torch.save(params, os.path.join(out, f"params_rank{rank}.pt"))
 """
 
 CASES = {
-    "fastgan": ["--data", "digits", "--res", "32", "--ngf", "8", "--ndf", "8", "--batch", "4", "--iters", "2"],
+    "fastgan": ["--data", "digits", "--res", "32", "--ngf", "8", "--ndf", "8", "--batch", "4", "--iters", "2",
+                "--recon", "mse"],
     "insgen": ["--data", "digits", "--res", "16", "--cfg", "auto", "--cbase", "256", "--cmax", "32", "--batch", "4",
                "--iters", "2"],
     "disp": ["--data", "digits", "--res", "32", "--ch", "4", "--batch", "8", "--d-steps", "2", "--prior-weights",

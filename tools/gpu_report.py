@@ -28,15 +28,17 @@ sys.path.insert(0, ROOT)
 
 # (label, method, flags, N): paper configurations; --quick swaps in TOY
 PAPER = [
-    ("fastgan 1024 px, batch 8", "fastgan", ["--res", "1024", "--batch", "8"], 20),
-    ("fastgan 256 px, batch 8 (paper's speed anchor)", "fastgan", ["--res", "256", "--batch", "8"], 20),
+    ("fastgan 1024 px, batch 8", "fastgan", ["--res", "1024", "--batch", "8", "--recon", "mse"], 20),
+    ("fastgan 256 px, batch 8 (paper's speed anchor)", "fastgan", ["--res", "256", "--batch", "8", "--recon", "mse"],
+     20),
     ("insgen auto 256 px, batch 16 (1-GPU auto)", "insgen", ["--cfg", "auto", "--res", "256"], 16),
     ("insgen paper256 256 px, batch 32", "insgen", ["--cfg", "paper256", "--res", "256", "--batch", "32"], 16),
     ("adafm 128 px, batch 16", "adafm", ["--res", "128", "--batch", "16"], 20),
     ("disp 128 px, batch 25, 4 D steps", "disp", ["--res", "128", "--batch", "25", "--prior-weights", "random"], 10),
 ]
 TOY = [
-    ("fastgan 32 px, batch 4", "fastgan", ["--res", "32", "--batch", "4", "--ngf", "8", "--ndf", "8"], 2),
+    ("fastgan 32 px, batch 4", "fastgan", ["--res", "32", "--batch", "4", "--ngf", "8", "--ndf", "8", "--recon", "mse"],
+     2),
     ("insgen auto 16 px, batch 4", "insgen", ["--cfg", "auto", "--res", "16", "--batch", "4", "--cbase", "256",
                                               "--cmax", "32"], 2),
     ("adafm 32 px, batch 4", "adafm", ["--res", "32", "--batch", "4", "--nf", "4", "--z-dim", "16", "--w-dim", "16"], 2),
