@@ -52,22 +52,27 @@ def test_parameter_counts_match_stylegan2_ada():
     assert G.synthesis.num_ws == 14
 
 
+def cfg(*flags):
+    return I.check_args(I.parse_args(list(flags)), world=1)
+
+
 def test_cfg_table():
-    a = I.resolve_cfg(I.parse_args(["--cfg", "auto", "--res", "256"]), world=1)
+    a = cfg("--cfg", "auto", "--res", "256")
     assert (a.batch, a.mbstd, a.cbase, a.map, a.rampup) == (16, 4, 16384, 2, 0.05)
-    assert a.gamma == pytest.approx(0.8192) and a.ema == pytest.approx(5.0)
-    a = I.resolve_cfg(I.parse_args(["--cfg", "paper256"]), world=1)
-    assert (a.batch, a.mbstd, a.cbase, a.map, a.gamma, a.ema, a.rampup) == (64, 8, 16384, 8, 1.0, 20.0, None)
+    assert a.r1 == pytest.approx(0.8192) and a.ema_kimg == pytest.approx(5.0)
+    a = cfg("--cfg", "paper256")
+    assert (a.batch, a.mbstd, a.cbase, a.map, a.r1, a.ema_kimg, a.rampup) == (64, 8, 16384, 8, 1.0, 20.0, None)
     assert a.iters == 25_000_000 // 64
-    a = I.resolve_cfg(I.parse_args(["--cfg", "auto", "--res", "256", "--gamma", "3", "--batch", "8"]), world=1)
-    assert a.gamma == 3 and a.batch == 8 and a.ema == pytest.approx(5.0)  # ema from the cfg batch, as in train.py
+    a = cfg("--cfg", "auto", "--res", "256", "--gamma", "3", "--batch", "8")  # --gamma: NVIDIA's name of --r1
+    assert a.r1 == 3 and a.batch == 8 and a.ema_kimg == pytest.approx(5.0)  # ema from the cfg batch, as in train.py
+    assert cfg("--r1", "0.5", "--ema-kimg", "2").r1 == 0.5 and cfg("--ema-kimg", "2").ema_kimg == 2
     with pytest.raises(UserError):
-        I.resolve_cfg(I.parse_args(["--res", "48"]))
-    assert a.lr == 0.0025 and I.resolve_cfg(I.parse_args(["--cfg", "auto", "--res", "1024"])).lr == 0.002  # cfg_specs
-    assert I.resolve_cfg(I.parse_args(["--cfg", "paper256", "--res", "1024"])).lr == 0.0025
-    assert I.resolve_cfg(I.parse_args(["--res", "1024", "--lr", "0.01"])).lr == 0.01
+        cfg("--res", "48")
+    assert a.lr == 0.0025 and cfg("--cfg", "auto", "--res", "1024").lr == 0.002  # cfg_specs
+    assert cfg("--cfg", "paper256", "--res", "1024").lr == 0.0025
+    assert cfg("--res", "1024", "--lr", "0.01").lr == 0.01
     with pytest.raises(UserError, match="--queue 0"):
-        I.resolve_cfg(I.parse_args(["--queue", "0"]))
+        cfg("--queue", "0")
 
 
 def test_equalized_lr_layers_hand_computed():
@@ -201,6 +206,7 @@ def test_augment_geometry_and_identity():
     assert y.shape == xr.shape and (y - xr).abs().mean() > 0.3
 
 
+@pytest.mark.slow
 def test_ada_colour_op_statistics():
     """bgc colour ops on a constant pure-chroma image x = (0.5, -0.5, 0), read at the 4x4 centre (geometric ops move
     the centre by a few pixels only, and a constant image stays constant there; near the border NVIDIA's pipeline
@@ -306,7 +312,8 @@ def test_infonce_hand_computed():
     l0 = -math.log(math.exp(5) / (math.exp(5) + math.exp(0) + math.exp(-5)))
     l1 = -math.log(math.exp(4) / (math.exp(4) + math.exp(5) + math.exp(0)))
     assert loss.item() == pytest.approx((l0 + l1) / 2, rel=1e-6)
-    assert I.TAU == 0.2 and (I.LAMBDA_REAL, I.LAMBDA_FAKE, I.LAMBDA_G, I.PERTURB_STD, I.MOMENTUM) == (1.0, 1.0, 0.1, 0.15, 0.999)
+    assert I.TAU == 0.2
+    assert (I.LAMBDA_REAL, I.LAMBDA_FAKE, I.LAMBDA_G, I.PERTURB_STD, I.MOMENTUM) == (1.0, 1.0, 0.1, 0.15, 0.999)
 
 
 def test_queue_update_wraps():
@@ -334,14 +341,13 @@ def test_heads_and_momentum():
         for p in ins.real.parameters():
             p.add_(1.0)
     before = ins.real_m.net[0].bias.clone()
-    ins.momentum_update()
+    ins.contrast("real", f, f)  # updates the momentum head right before its key
     assert torch.allclose(ins.real_m.net[0].bias, before + 0.001, atol=1e-6)
 
 
 def tiny_model(*flags, n=100):
     """A res-16 InsGen model (D widths 8-16) built as main() builds it, for n training images (its parts by name)."""
-    a = I.resolve_cfg(I.parse_args(["--res", "16", "--cfg", "auto", "--cbase", "128", "--cmax", "16", "--batch", "4",
-                                    *flags]))
+    a = cfg("--res", "16", "--cfg", "auto", "--cbase", "128", "--cmax", "16", "--batch", "4", *flags)
     G, D, opt_G, opt_D, ada, ins, D_ema, opt_Hr, opt_Hf = I.build(a, "cpu", n)
     return a, SimpleNamespace(G=G, D=D, opt_G=opt_G, opt_D=opt_D, ada=ada, ins=ins, D_ema=D_ema, opt_Hr=opt_Hr,
                               opt_Hf=opt_Hf, pl_mean=torch.zeros([]))
@@ -365,7 +371,6 @@ def state_dict(m):
 
 def load_state(m, ck, path):
     """What insgen.run() does with a --resume checkpoint (less the RNGs)."""
-    ck = I.upgrade_state(ck, path, m.ada, m.ins, m.opt_Hr, m.opt_Hf)
     m.pl_mean.copy_(ck["pl_mean"])
     load_state_dicts(ck, path, saved(m))
 
@@ -380,10 +385,11 @@ def test_head_optimizers_follow_their_network():
         assert tuple(g["betas"]) == pytest.approx((0.0, 0.99 ** (k / (k + 1))))
         assert tuple(g["betas"]) == tuple(net_opt.param_groups[0]["betas"]) and g["eps"] == 1e-8
         assert [id(p) for p in g["params"]] == [id(p) for p in head.parameters()]
-    before = [p.clone() for p in m.ins.trainable()]
+    heads = list(m.ins.real.parameters()) + list(m.ins.fake.parameters())
+    before = [p.clone() for p in heads]
     torch.manual_seed(0)
     train_step(m, a, torch.rand(4, 3, 16, 16) * 2 - 1, 1)
-    assert all(not torch.equal(b, p) for b, p in zip(before, m.ins.trainable()))  # both heads trained
+    assert all(not torch.equal(b, p) for b, p in zip(before, heads))  # both heads trained
     assert all(int(s["step"]) == 1 for opt in (m.opt_Hr, m.opt_Hf) for s in opt.state.values())
 
 
@@ -490,7 +496,8 @@ def test_batched_insgen_passes_keep_the_math():
     """--query separate (default): the same losses, gradients (G, D, both heads) and queues as the unbatched code
     (ONE_STEP_BEFORE) to 1e-5 relative: the same random draws in the same order, the query and key passes only
     concatenated (no op before minibatch-std mixes samples) and summed gradients only re-associated. Without the
-    InsGen terms in D's loss its gradient fingerprint moves by 2-40 %, so the D-side InfoNCE gradients are pinned too."""
+    InsGen terms in D's loss its gradient fingerprint moves by 2-40 %, so the D-side InfoNCE gradients are pinned
+    too."""
     out, _ = one_step()
     assert out.keys() == ONE_STEP_BEFORE.keys()
     for k, ref in ONE_STEP_BEFORE.items():
@@ -511,7 +518,8 @@ def test_query_passes(query):
 
     def record(m):
         def on_d(name):
-            return lambda mod, args, kwargs, out: calls[name].append((args[0].shape[0], kwargs.get("feat_only", False), out))
+            return lambda mod, args, kwargs, out: calls[name].append((args[0].shape[0], kwargs.get("feat_only", False),
+                                                                      out))
         m.D.register_forward_hook(on_d("D"), with_kwargs=True)
         m.D_ema.register_forward_hook(on_d("D_ema"), with_kwargs=True)
         m.ada.pipe.register_forward_hook(lambda *a: calls.__setitem__("aug", calls["aug"] + 1))
@@ -534,11 +542,14 @@ def test_query_passes(query):
 
 
 def test_bench_runs_the_three_variants_side_by_side(capsys):
+    """--bench N: common.run.bench over the three variants, in turns of 16 iterations (one lazy-regularization
+    cycle); ratios to the first variant (InsGen)."""
     sec = I.main(["--bench", "2", "--res", "16", "--cfg", "auto", "--cbase", "128", "--cmax", "16", "--batch", "4"])
     assert list(sec) == list(I.BENCH) and all(s > 0 for s in sec.values())
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("bench:")]
-    assert len(lines) == 4 and "medians of 1 blocks of 2 iterations" in lines[0] and "fp32" in lines[0]
-    assert lines[-1].startswith("bench: ada (--no-insgen)") and lines[-1].endswith("1.00x ADA")
+    assert len(lines) == 4 and "medians of 1 blocks of 16" in lines[0] and "fp32" in lines[0]
+    assert lines[1].startswith("bench: insgen ") and lines[1].endswith(" 1.00x")
+    assert lines[-1].startswith("bench: ada (--no-insgen)") and lines[-1].endswith("x")
 
 
 def test_queue_length_and_mirror_defaults():
@@ -551,27 +562,22 @@ def test_queue_length_and_mirror_defaults():
         assert m.ins.real_q.keys.shape == m.ins.fake_q.keys.shape == (128, K)
 
 
-def test_checkpoints_from_before_the_per_head_optimizers():
-    """Old checkpoints: one Adam over both heads ('opt_H'): its moments move to the per-head optimizers, which keep
-    their own lr/betas. A queue length other than this run's: one UserError naming the --queue to pass."""
+def test_checkpoint_round_trip_and_queue_length():
+    """The checkpoint entries round-trip (both head optimizers included); a queue length other than this run's: one
+    UserError naming the --queue to pass."""
     a, m = tiny_model()
-    old = I.lazy_adam(m.ins.trainable(), a.lr, I.D_REG_EVERY)
-    for p in m.ins.trainable():
+    for p in list(m.ins.real.parameters()) + list(m.ins.fake.parameters()):
         p.grad = torch.randn_like(p)
-    old.step()
-    ck = state_dict(m)
-    del ck["opt_Hr"], ck["opt_Hf"]
-    ck["opt_H"] = old.state_dict()
+    m.opt_Hr.step()
+    m.opt_Hf.step()
+    m.pl_mean.fill_(0.5)
     _, m2 = tiny_model()
-    load_state(m2, ck, "old.pt")
-    for opt, h_old, h_new, k in ((m2.opt_Hr, m.ins.real, m2.ins.real, 16), (m2.opt_Hf, m.ins.fake, m2.ins.fake, 4)):
-        assert opt.param_groups[0]["lr"] == pytest.approx(a.lr * k / (k + 1))
-        for p_old, p_new in zip(h_old.parameters(), h_new.parameters()):
-            assert torch.equal(p_old, p_new)
-            assert torch.equal(opt.state[p_new]["exp_avg_sq"], old.state[p_old]["exp_avg_sq"])
-    _, m3 = tiny_model()
-    load_state(m3, state_dict(m2), "new.pt")  # the new format round-trips
-    assert torch.equal(m3.opt_Hf.state_dict()["state"][0]["exp_avg"], m2.opt_Hf.state_dict()["state"][0]["exp_avg"])
+    load_state(m2, state_dict(m), "new.pt")
+    assert torch.equal(m2.opt_Hf.state_dict()["state"][0]["exp_avg"], m.opt_Hf.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(m2.opt_Hr.state_dict()["state"][0]["exp_avg"], m.opt_Hr.state_dict()["state"][0]["exp_avg"])
+    assert all(torch.equal(p, q) for p, q in zip(m.ins.state_dict().values(), m2.ins.state_dict().values()))
+    assert m2.pl_mean.item() == 0.5
+    ck = state_dict(m)
     ck["ins"]["real_q.keys"] = torch.randn(128, 10)
     ck["ins"]["fake_q.keys"] = torch.randn(128, 10)
     with pytest.raises(UserError, match="has MoCo queues of 10 keys, this run builds 5: pass --queue 10"):
@@ -579,7 +585,8 @@ def test_checkpoints_from_before_the_per_head_optimizers():
 
 
 # ---------------------------------------------------------------------------------------------------- runs
-def test_smoke_resume_and_sampling(tmp_path):
+@pytest.mark.slow
+def test_smoke_resume_and_sampling(tmp_path, one_line_error):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     # --target -1.5 / --ada-kimg 0.01: p must jump to 1.6 after iteration 4, so iterations 5-6 run fully augmented
     common = TINY + ["--log-every", "1", "--sample-every", "3", "--ckpt-every", "100", "--ada-kimg", "0.01",
@@ -588,7 +595,8 @@ def test_smoke_resume_and_sampling(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     r = run(common + ["--iters", "3", "--out", part])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert os.path.isfile(os.path.join(part, "ckpt", "last.pt")) and os.path.isfile(os.path.join(part, "samples", "000003.png"))
+    assert os.path.isfile(os.path.join(part, "ckpt", "last.pt"))
+    assert os.path.isfile(os.path.join(part, "samples", "000003.png"))
     r = run(common + ["--iters", "6", "--out", part, "--resume", "auto"])
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = metrics(full), metrics(part)
@@ -632,61 +640,65 @@ def test_smoke_resume_and_sampling(tmp_path):
     grid = lambda f: np.asarray(Image.open(f))  # noqa: E731
     assert np.array_equal(grid(os.path.join(full, "samples", "000006.png")), grid(tmp_path / "re.png"))
     mix = r.style_mix(z, s.latents(5, seed=4))  # random noise (seeded by lat_a) here too, reproducible
-    assert torch.equal(mix, r.style_mix(z, s.latents(5, seed=4))) and not torch.equal(mix, s.style_mix(z, s.latents(5, seed=4)))
+    assert torch.equal(mix, r.style_mix(z, s.latents(5, seed=4)))
+    assert not torch.equal(mix, s.style_mix(z, s.latents(5, seed=4)))
     # an InsGen + ADA checkpoint resumed as plain StyleGAN2 would silently drop heads, queues and p: refused
-    with pytest.raises(UserError, match="InsGen"):
-        I.main(common + ["--iters", "7", "--out", str(tmp_path / "w"), "--resume", os.path.join(full, "ckpt", "last.pt"),
-                         "--no-insgen"])
+    last = os.path.join(full, "ckpt", "last.pt")
+    assert "InsGen" in one_line_error(I.main, common + ["--iters", "7", "--out", str(tmp_path / "w"), "--resume", last,
+                                                        "--no-insgen"])
 
     # mismatched architecture and another method's checkpoint: a UserError (one 'error:' line, exit 2, from the CLI)
-    with pytest.raises(UserError, match="architecture"):
-        I.main(common + ["--iters", "7", "--out", str(tmp_path / "x"), "--resume", os.path.join(full, "ckpt", "last.pt"),
-                         "--cmax", "64"])
+    assert "architecture" in one_line_error(I.main, common + ["--iters", "7", "--out", str(tmp_path / "x"), "--resume",
+                                                              last, "--cmax", "64"])
     bad = str(tmp_path / "bad.pt")
     torch.save({"format": 2, "method": "fastgan", "args": {}}, bad)
-    with pytest.raises(UserError, match="fastgan"):
-        I.main(common + ["--iters", "7", "--out", str(tmp_path / "y"), "--resume", bad])
+    assert "fastgan" in one_line_error(I.main, common + ["--iters", "7", "--out", str(tmp_path / "y"), "--resume", bad])
     r = run(["--res", "48", "--out", str(tmp_path / "z")])
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --res 48 is not supported: use a power of "
                                                                   "two from 8 to 1024"]
 
 
-def test_resume_is_checked_before_the_data_is_read(tmp_path, monkeypatch):
-    """--resume: an unreadable last.pt, another method's checkpoint, other architecture flags or InsGen state that
-    the flags would drop fail with one UserError before any data is read or network built."""
+def test_resume_is_checked_before_the_data_is_read(tmp_path, monkeypatch, one_line_error):
+    """--resume: an unreadable last.pt, an older format, another method's checkpoint, other architecture flags or
+    InsGen state that the flags would drop fail with one error line before any data is read or network built."""
     monkeypatch.setattr(I, "load_dataset", lambda *a, **k: pytest.fail("data read before the checkpoint was checked"))
     out = tmp_path / "run"
     last = out / "ckpt" / "last.pt"
     last.parent.mkdir(parents=True)
     last.write_bytes(os.urandom(1000))
     args = TINY + ["--iters", "2", "--out", str(out), "--resume", "auto"]
-    with pytest.raises(UserError, match="cannot read checkpoint"):
-        I.main(args)
+    assert "cannot read checkpoint" in one_line_error(I.main, args)
     torch.save({"format": 2, "method": "adafm", "args": {}}, last)
-    with pytest.raises(UserError, match="written by 'adafm', not 'insgen'"):
-        I.main(args)
-    a = vars(I.resolve_cfg(I.parse_args(TINY)))
+    assert "written by 'adafm', not 'insgen'" in one_line_error(I.main, args)
+    torch.save({"format": 1, "method": "insgen", "args": {}}, last)  # no compatibility with older checkpoints
+    assert "has format 1" in one_line_error(I.main, args)
+    a = vars(cfg(*TINY))
     torch.save({"format": 2, "method": "insgen", "args": {**a, "cmax": 64}}, last)
-    with pytest.raises(UserError, match="trained with --cmax 64, this run asks for 32: the architecture"):
-        I.main(args)
+    assert "trained with --cmax 64, this run asks for 32: the architecture" in one_line_error(I.main, args)
     torch.save({"format": 2, "method": "insgen", "args": a, "ins": {}}, last)
-    with pytest.raises(UserError, match="trains with InsGen"):
-        I.main(args + ["--no-insgen"])
+    assert "trains with InsGen" in one_line_error(I.main, args + ["--no-insgen"])
     assert not (out / "args.json").exists()
 
 
+@pytest.mark.slow
 def test_learns_digits(tmp_path):
     """Statistics over 256 EMA-generator samples vs the digits at 16 px: gap = mean over pixels of |per-pixel mean of
     the samples - per-pixel mean of the digits|, and nn = mean over samples of the RMS pixel distance to the nearest
     of the first 256 digits (a digit-shaped sample is near one; as tests/test_disp.py). After 150 iterations (batch
     16, InsGen + ADA on, no x-flips): gap < 0.6x its value at initialization, nn < 0.75x init and < 0.75x the lowest
     nn of four sets of smooth colour blobs (4x4 noise upsampled: colour, grey, both shifted/scaled to the digits'
-    pixel mean/std). Measured on this CPU: gap 0.17 vs 0.67 at init (ratio 0.26), nn 0.360 vs 1.068 at init; blobs
-    nn 0.817 / grey 0.740 / brightness-matched 0.870, 0.799 (gap 0.44-0.51); held-out digits nn 0.310; with G's loss
-    sign flipped gap 0.78 (ratio 1.16); with no optimizer step the EMA generator stays at init (ratio 1)."""
+    pixel mean/std).
+    Measured (2-core CPU, one thread), --seed 0 / 1 / 2: gap / gap at init 0.314 / 0.432 / 0.467 (bound 0.6: the
+    worst seed 22 % under it), nn / nn at init 0.362 / 0.453 / 0.418 (bound 0.75), nn / blob nn 0.523 / 0.635 / 0.559
+    (bound 0.75: the worst seed 15 % under it; nn 0.387 / 0.470 / 0.414 vs blobs 0.740). The test runs seed 0. The
+    controls fail: the blob sets' gap is 0.66-0.76x init (colour 0.513, grey 0.513, matched 0.452, 0.444 vs 0.673) and
+    their nn is not under 0.75x the lowest blob nn (0.817 / 0.740 / 0.870 / 0.799). Earlier measurements: held-out
+    digits nn 0.310; with G's loss sign flipped gap ratio 1.16; with no optimizer step the EMA generator stays at init
+    (ratio 1)."""
     out = str(tmp_path / "learn")
     r = run(["--data", "digits", "--res", "16", "--cfg", "auto", "--cbase", "512", "--cmax", "64", "--batch", "16",
-             "--iters", "150", "--log-every", "50", "--sample-every", "1000", "--out", out, "--workers", "0"], timeout=300)
+             "--iters", "150", "--log-every", "50", "--sample-every", "1000", "--out", out, "--workers", "0"],
+            timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = torch.load(os.path.join(out, "ckpt", "last.pt"), weights_only=True)
     from common.data import load_dataset
@@ -699,14 +711,18 @@ def test_learns_digits(tmp_path):
         return (x.mean(0) - real.mean(0)).abs().mean().item(), nearest_distance(x, real[:256])
 
     (g_fake, nn_fake), (g_init, nn_init) = stats(fake), stats(init)
-    blob_nn = min(stats(b)[1] for b in blob_sets(real))
+    blobs = [stats(b) for b in blob_sets(real)]
+    blob_nn = min(nn for _, nn in blobs)
     assert g_fake < 0.6 * g_init, (g_fake, g_init)
     assert nn_fake < 0.75 * nn_init and nn_fake < 0.75 * blob_nn, (nn_fake, nn_init, blob_nn)
+    for g, nn in blobs:  # the same check on the controls fails
+        assert not (g < 0.6 * g_init and nn < 0.75 * nn_init and nn < 0.75 * blob_nn), (g, nn)
+        assert g > 0.6 * g_init, (g, g_init)
 
 
-def test_compile_is_refused_with_one_line(tmp_path):
+def test_compile_is_refused_with_one_line(tmp_path, one_line_error):
     """--compile (a common flag) cannot work here: R1 and path length need double backward through D and G."""
-    with pytest.raises(UserError) as e:  # insgen's main raises; __main__ prints the one line and exits 2
-        I.main(["--compile", "--data", "digits", "--res", "16", "--iters", "1", "--out", str(tmp_path / "run")])
-    assert "--compile is not supported" in str(e.value) and "double backward" in str(e.value)
-    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+    err = one_line_error(I.main, ["--compile", "--data", "digits", "--res", "16", "--iters", "1", "--out",
+                                  str(tmp_path / "run")])  # one 'error:' line, exit 2
+    assert "--compile is not supported" in err and "double backward" in err
+    assert not (tmp_path / "run").exists()
