@@ -1,6 +1,7 @@
 """Tests for adafm.py (CPU, tiny widths). Reference numbers: the authors' parameter counts (spec adafm.md)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -71,7 +72,8 @@ def test_parameter_counts_match_the_authors():
         assert D.fc.weight.shape == (1, 16384)                  # new unconditional fc
         a.mode = "fs"
         G = adafm.build(a)[0]
-        assert counts(G, adafm.G_GENERAL, True)[1] == 2 * 4 * (256 + 128 + 64)   # FS: gamma, beta in R^{C_out}, 4 convs per group
+        # FS: gamma, beta in R^{C_out}, 4 convs per group
+        assert counts(G, adafm.G_GENERAL, True)[1] == 2 * 4 * (256 + 128 + 64)
 
 
 def test_adafm_identity_hand_computed_and_fs_is_rank_one():
@@ -116,7 +118,7 @@ def test_sampling_noise_is_per_sample_and_batch_independent():
     and no two samples may share a noise map. The old rule (torch seeded with 0 in every generate call) fails both:
     checked here on a replica of it."""
     class OldRule(adafm.Sampler):
-        def _run(self, z, styles=None):
+        def generate(self, z, styles=None):
             with torch.random.fork_rng():
                 torch.manual_seed(0)
                 return self.G(z, None, styles).float()
@@ -188,13 +190,10 @@ def test_style_init_and_adain_gradient_clamp_match_the_authors():
 
 def test_g_step_runs_first_and_d_trains_on_its_detached_fakes():
     """Authors' loop: gloss, x_fake = generator_trainstep(y, z); dloss = discriminator_trainstep(x_real, y, x_fake)
-    with x_fake = G(z).detach() from before the G update. --step-order d_first (pretrain default, GAN_stability):
-    the D step first, on fresh fakes, then the G step on a new z."""
-    assert adafm.step_order(adafm.parse_args([])) == "g_first"
-    assert adafm.step_order(adafm.parse_args(["--mode", "pretrain"])) == "d_first"
-    for order in ("g_first", "d_first"):
-        a, G, D = target("smallhead")
-        a.step_order = order
+    with x_fake = G(z).detach() from before the G update. --mode pretrain (GAN_stability's train.py): the D step
+    first, on fresh fakes, then the G step on a new z. D sees the reals, then the fakes (two calls, issue 26)."""
+    for mode, order in (("smallhead", "g_first"), ("pretrain", "d_first")):
+        a, G, D = target(mode)
         log, fakes, d_in = [], [], []
 
         def rec(name, f, store=None):
@@ -211,12 +210,83 @@ def test_g_step_runs_first_and_d_trains_on_its_detached_fakes():
         x = torch.rand(4, 3, 32, 32) * 2 - 1
         nets = (G_nograd, D_loss, G_run, D_run, list(D.parameters()))
         adafm.train_step(a, nets, (opt_G, opt_D, torch.device("cpu")), x, None)
+        assert len(d_in[0]) == len(d_in[1]) == 4   # reals, then fakes: never one concatenated batch
         if order == "g_first":
-            assert log == ["G_run", "D", "D_run"]
-            assert torch.equal(d_in[0][4:], fakes[0])    # D's fake half = the G step's own output
+            assert log == ["G_run", "D", "D_run", "D_run"]
+            assert torch.equal(d_in[1], fakes[0])    # D's fakes = the G step's own output
         else:
-            assert log == ["G", "D_run", "G_run", "D"]
-            assert torch.equal(d_in[0][4:], fakes[0]) and not torch.equal(fakes[0], fakes[1])
+            assert log == ["G", "D_run", "D_run", "G_run", "D"]
+            assert torch.equal(d_in[1], fakes[0]) and not torch.equal(fakes[0], fakes[1])
+
+
+def concatenated_train_step(args, nets, opts, x, y):
+    """train_step as it was before issue 26: reals and fakes through D as one concatenated batch, so R1's double
+    backward ran over all 2B samples (fp32, no autocast)."""
+    G, D, G_run, D_run, D_train = nets
+    opt_G, opt_D, device = opts
+    z = torch.randn(x.shape[0], args.z_dim, device=device)
+    x = (x + torch.rand_like(x) / 128).requires_grad_(True)
+
+    def g_step(z):
+        adafm.requires_grad(D_train, False)
+        fake = G_run(z, y)
+        loss_g = F.softplus(-D(fake, y).float()).mean()
+        opt_G.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_G.step()
+        return loss_g.detach(), fake.detach()
+
+    if args.mode != "pretrain":
+        loss_g, fake = g_step(z)
+    else:
+        with torch.no_grad():
+            fake = G(z, y)
+    adafm.requires_grad(D_train, True)
+    d = D_run(torch.cat([x, fake.to(x.dtype)]), None if y is None else torch.cat([y, y])).float()
+    d_real, d_fake = d.chunk(2)
+    grad, = torch.autograd.grad(d_real.sum(), x, create_graph=True)
+    r1 = grad.float().pow(2).flatten(1).sum(1).mean()
+    loss_d = F.softplus(-d_real).mean() + F.softplus(d_fake).mean() + args.r1 * r1
+    opt_D.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_D.step()
+    adafm.requires_grad(D_train, False)
+    if args.mode == "pretrain":
+        loss_g, _ = g_step(torch.randn_like(z))
+    return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "r1": r1.detach(),
+            "d_real": d_real.detach().mean(), "d_fake": d_fake.detach().mean()}
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "adafm"])
+def test_d_step_on_reals_and_fakes_apart_equals_the_concatenated_batch(mode):
+    """Issue 26: R1's double backward covers only the real half now that reals (with R1) and fakes go through D
+    separately (as GAN_stability does); one step of a conditional source (--mode pretrain, labels) and of the AdaFM
+    target (frozen G4D2, AdaFM on) gives the same losses, gradients and updated weights as the old concatenated
+    formula, to float rounding. --r1 1e7 makes R1 weigh as much as the GAN loss at this toy size (R1 term 0.3-1.2,
+    loss_d 1.7-2.6). Measured over 3 seeds per mode: losses equal, gradients within 2.0e-5 of each tensor's largest
+    gradient, weights within 5e-6 of each tensor's largest value; bound 1e-4 (5x margin)."""
+    a = adafm.parse_args(TINY + ["--mode", mode, "--embed-dim", "8", "--r1", "1e7"])
+    a.nlabels = 10 if mode == "pretrain" else 0
+    y = torch.randint(10, (4,), generator=torch.Generator().manual_seed(0)) if a.nlabels else None
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    runs = []
+    for step in (adafm.train_step, concatenated_train_step):
+        torch.manual_seed(0)
+        G, D, opt_G, opt_D, G_ada, D_tr = adafm.build_target(a, torch.device("cpu"))
+        adafm.requires_grad(G_ada, True)
+        torch.manual_seed(1)
+        losses = step(a, (G, D, G, D, D_tr), (opt_G, opt_D, torch.device("cpu")), x, y)
+        runs.append((losses, G, D))
+    (new, G1, D1), (old, G0, D0) = runs
+    for k in old:
+        torch.testing.assert_close(new[k], old[k], rtol=1e-5, atol=1e-6)
+    assert a.r1 * float(new["r1"]) > 0.1 * float(new["loss_d"])   # R1 weighs in the D gradients compared below
+    for m1, m0 in ((G1, G0), (D1, D0)):
+        for (n, p1), p0 in zip(m1.named_parameters(), m0.parameters()):
+            assert (p1.grad is None) == (p0.grad is None), n
+            if p0.grad is not None:   # relative to the tensor's largest gradient
+                assert (p1.grad - p0.grad).abs().max() <= 1e-4 * p0.grad.abs().max() + 1e-12, n
+            assert (p1 - p0).abs().max() <= 1e-4 * p0.abs().max() + 1e-9, n
 
 
 def test_reals_get_dequantization_noise_and_center_crop_by_default():
@@ -258,13 +328,14 @@ def test_gradients_reach_gamma_beta_but_never_the_frozen_weights(tmp_path):
 
 def test_authors_format_transfers_exactly_the_authors_layers(tmp_path):
     G_sd, D_sd = write_authors_ckpt(tmp_path / "imagenet-8c505f47.pt")
-    ckpt, path = adafm.fetch_source(str(tmp_path / "imagenet-8c505f47.pt"))
-    src_G, src_D, desc = adafm.source_state_dicts(ckpt, path)
+    path = str(tmp_path / "imagenet-8c505f47.pt")
+    src_G, src_D, desc = adafm.source_state_dicts(load_checkpoint(path), path)
     assert "GAN_stability" in desc
     for mode, g_loaded in [("adafm", 7), ("smallhead", 7), ("fs", 7), ("gphead", 13), ("transfergan", 13)]:
         a, G, D = target(mode)
         rep = adafm.transfer(G, D, src_G, src_D, path)
-        assert len({k.split(".")[0] for k in rep["G_loaded"]}) == g_loaded   # G4 (6 blocks + conv_img) or + head groups 0-2
+        # G4 (6 blocks + conv_img), or + the head's groups 0-2
+        assert len({k.split(".")[0] for k in rep["G_loaded"]}) == g_loaded
         new = {"*." + k.split(".")[-1] if k.endswith(("gamma", "beta")) else k.split(".")[0] for k in rep["G_new"]}
         head = {"mapping", "small_fc", "small_block_0", "small_block_1", "small_norm", "scale", "shift"}
         assert new == {"adafm": head | {"*.gamma", "*.beta"}, "fs": head | {"*.gamma", "*.beta"}, "smallhead": head,
@@ -287,7 +358,7 @@ def test_authors_format_transfers_exactly_the_authors_layers(tmp_path):
     assert 0.7 < ratio.median() < 1.4, ratio
 
 
-def test_mismatched_checkpoint_fails_with_one_clear_line(tmp_path, monkeypatch):
+def test_mismatched_checkpoint_fails_with_one_clear_line(tmp_path, monkeypatch, one_line_error):
     write_authors_ckpt(tmp_path / "nf8.pt", nf=8)
     src_G, src_D, _ = adafm.source_state_dicts(load_checkpoint(tmp_path / "nf8.pt"))
     a, G, D = target("adafm")
@@ -307,17 +378,18 @@ def test_mismatched_checkpoint_fails_with_one_clear_line(tmp_path, monkeypatch):
 
     def offline(*a, **k):
         raise OSError("network is unreachable")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(UserError, match=r"cannot download .*--source PATH"):
-        adafm.fetch_source(None, cache_dir=str(tmp_path / "cache"))
-    r = run(TINY + ["--source", str(tmp_path / "nf8.pt"), "--out", str(tmp_path / "bad")], check=False)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.strip().count("\n") == 0 and "first mismatching key 'generator.resnet_3_0" in r.stderr
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)   # no --source, no cached copy, offline
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "cache"))
+    err = one_line_error(adafm.main, TINY + ["--out", str(tmp_path / "offline")])
+    assert re.search(r"cannot download .*--source PATH", err), err
+    err = one_line_error(adafm.main, TINY + ["--source", str(tmp_path / "nf8.pt"), "--out", str(tmp_path / "bad")])
+    assert "first mismatching key 'generator.resnet_3_0" in err   # exit 2, one line, no traceback (one_line_error)
     with pytest.raises(SystemExit) as e:
         adafm.main(TINY + ["--res", "16"])
     assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_pretrain_then_adafm_end_to_end_resume_and_switch(tmp_path):
     pre = tmp_path / "pre"
     run(TINY + ["--mode", "pretrain", "--labels", "auto", "--embed-dim", "8", "--iters", "2", "--out", str(pre)])
@@ -353,22 +425,27 @@ def test_pretrain_then_adafm_end_to_end_resume_and_switch(tmp_path):
     assert torch.equal(s.style_mix(za, zb, block=2), img)    # all styles from a
     assert torch.equal(s.style_mix(za, za), img)
     assert not torch.allclose(s.style_mix(za, zb), img)      # block 1 takes b's style
-    old = {**ck, "args": {k: v for k, v in ck["args"].items() if k not in ("style_init", "step_order")}}
-    assert torch.equal(adafm.load_for_sampling(old, "cpu").generate(za), img)   # checkpoints from before these flags
+    with pytest.raises(UserError, match="has format 1"):   # an older checkpoint is refused in one line
+        adafm.load_for_sampling({**ck, "format": 1}, "cpu")
 
 
+@pytest.mark.slow
 def test_learning_check_transfer_draws_digit_like_samples(tmp_path):
-    """Statistics over 256 EMA samples (EMA off: G itself) vs the digits at 32 px, as tests/test_disp.py's:
-    nn = mean over samples of the RMS pixel distance to the nearest of the first 256 digits (a digit-shaped sample is
-    near one) and ms = |mean(G) - mean(data)| + |std(G) - std(data)| over all pixels. After 300 AdaFM iterations from
-    a (random-weight) source: nn < 0.75 x its value at initialisation and < 0.75 x the lowest nn of four sets of
-    smooth colour blobs (4x4 noise upsampled; colour, grey, and both shifted/scaled to the digits' pixel mean/std,
-    which ms alone cannot tell from digits); ms < 0.5 x init. Measured (loaded CPU): nn 0.443 / ms 0.184 vs init
-    0.706 / 0.923; blobs nn 0.822 / grey 0.743 / brightness-matched 0.874, 0.803 (ms 0.000); held-out digits nn 0.312;
-    G loss sign flipped nn 1.275 (fails); 100 iterations nn 0.611 (would fail: too few)."""
+    """Statistics over 256 EMA samples vs the digits at 32 px, as tests/test_disp.py's: nn = mean over samples of the
+    RMS pixel distance to the nearest of the first 256 digits (a digit-shaped sample is near one) and ms = |mean(G) -
+    mean(data)| + |std(G) - std(data)| over all pixels. After 600 AdaFM iterations from a (random-weight) source,
+    --ema 0.99: nn < 0.85 x its value at initialisation and < 0.8 x the lowest nn of four sets of smooth colour blobs
+    (4x4 noise upsampled; colour, grey, and both shifted/scaled to the digits' pixel mean/std, which ms alone cannot
+    tell from digits); ms < 0.5 x init.
+    Measured with these flags, --seed 0-4 (one thread each; another seed = another float trajectory, as on another
+    machine): nn 0.443 / 0.425 / 0.430 / 0.493 / 0.415 (mean 0.441, sd 0.031), ms 0.016-0.072; init nn 0.704-0.706,
+    ms 0.92. Bound min(0.85 x 0.705, 0.8 x 0.743) = 0.594: the worst seed passes by 0.10 (3 sd), and every control
+    fails by >= 0.11: blobs nn 0.822 / grey 0.743 / brightness-matched 0.874, 0.803 (ms 0.000), the initial G 0.705,
+    G loss sign flipped 1.301. Held-out digits: nn 0.310. The raw G (--ema 0) oscillates: nn 0.47-0.65 after 300
+    iterations over seeds 0-2, so the check samples the EMA."""
     write_authors_ckpt(tmp_path / "src.pt")
     args = ["--data", "digits", "--res", "32", "--nf", "4", "--z-dim", "32", "--w-dim", "32", "--batch", "8",
-            "--adafm-start", "0", "--lr", "1e-3", "--ema", "0", "--log-every", "100", "--sample-every", "1000",
+            "--adafm-start", "0", "--lr", "1e-3", "--ema", "0.99", "--log-every", "100", "--sample-every", "1000",
             "--style-mix", "0", "--source", str(tmp_path / "src.pt")]
     from common.data import load_dataset
     x = load_dataset("digits", 32).images.float() / 127.5 - 1
@@ -380,19 +457,26 @@ def test_learning_check_transfer_draws_digit_like_samples(tmp_path):
     blob_nn = min(stats(b)[0] for b in blobs)
     assert max(stats(b)[1] for b in blobs[2:]) < 1e-4   # pixel mean/std alone would pass the matched blobs
     run(args + ["--iters", "0", "--out", str(tmp_path / "init")])
-    run(args + ["--iters", "300", "--out", str(tmp_path / "trained")], timeout=600)
+    run(args + ["--iters", "600", "--out", str(tmp_path / "trained")], timeout=900)
 
     def sample(out):
         return stats(adafm.load_for_sampling(load_checkpoint(out / "ckpt" / "last.pt"), "cpu").sample(256, seed=7))
 
     (nn0, ms0), (nn1, ms1) = sample(tmp_path / "init"), sample(tmp_path / "trained")
     assert nn0 > 0.6 and ms0 > 0.5, (nn0, ms0)
-    assert nn1 < 0.75 * nn0 and nn1 < 0.75 * blob_nn and ms1 < 0.5 * ms0, (nn1, nn0, blob_nn, ms1, ms0)
+    bound = min(0.85 * nn0, 0.8 * blob_nn)
+    assert all(stats(b)[0] > bound for b in blobs)   # every blob control fails the check
+    assert nn1 < bound and ms1 < 0.5 * ms0, (nn1, nn0, blob_nn, ms1, ms0)
 
 
-def test_benchmark_flag_prints_seconds_per_iteration():
-    r = run(["--bench", "1", "--mode", "transfergan", "--res", "32", "--nf", "4", "--z-dim", "16", "--batch", "4"])
-    assert "benchmark --mode transfergan:" in r.stdout and "s/iteration (batch 4, 32 px, nf 4, cpu" in r.stdout
+def test_benchmark_flag_prints_seconds_per_iteration(capsys):
+    """--bench N: common.run.bench on one step() (train_step + EMA) of a fixed random batch; nothing written."""
+    sec = adafm.main(["--bench", "1", "--mode", "transfergan", "--res", "32", "--nf", "4", "--z-dim", "16",
+                      "--batch", "4"])
+    out = capsys.readouterr().out
+    assert "bench: 32 px, nf 4, device cpu batch 4" in out, out
+    assert re.search(r"bench: adafm --mode transfergan +[0-9.]+ s/iteration", out), out
+    assert list(sec) == ["adafm --mode transfergan"] and sec["adafm --mode transfergan"] > 0
 
 
 def test_flags_and_resume_are_checked_before_the_data_is_read(tmp_path, monkeypatch, one_line_error):
@@ -435,7 +519,8 @@ def test_ctrl_c_during_set_up_is_one_line_and_exit_130(tmp_path, monkeypatch, ca
         with pytest.raises(SystemExit) as e:
             adafm.main(args)
     err = capsys.readouterr().err
-    assert e.value.code == 130 and err == "interrupted during set-up (before the first training step; rerun the same command)\n"
+    assert e.value.code == 130
+    assert err == "interrupted during set-up (before the first training step; rerun the same command)\n"
     monkeypatch.setattr(adafm, "train_step", interrupt)
     with pytest.raises(KeyboardInterrupt):
         adafm.main(args)
