@@ -21,7 +21,7 @@ Deviations and choices (the detail is beside the code and in docs/adafm.md):
 - Mapping/AdaIN linears: the authors' N(0, 0.1) init with std x sqrt(256 / w_dim); --style-init he: He init.
 - AdaIN sends the gradient to x through clamp(gamma, -1, 1), as the authors' code does.
 - Step order: targets G step, then D on its detached fakes (AdaFM code); pretrain D then G (GAN_stability).
-- --r1 keeps the paper's 10, set for 128 px: below 128 px use 10 * (res / 128)^2.
+- --r1 is gamma of (gamma/2) E|dD/dx|^2 as in insgen: 20 = the authors' 10 x E|dD/dx|^2; below 128 px 20 (res/128)^2.
 - scratch uses plain convs (AdaFM on trainable filters is redundant).
 - Sampling noise and a conditional source's class are functions of each latent (batch-independent samples).
 - FID/KID use common.metrics' protocol (TF Inception, all real images), not the paper's torchvision Inception.
@@ -32,7 +32,7 @@ Run (from the repo root; --bench N: s/iteration on random data):
   python adafm.py --mode pretrain --data digits --res 32 --nf 8 --z-dim 32 --w-dim 32 --batch 32 --iters 6000 \\
                   --out runs/src                                                      # a CPU toy source
   python adafm.py --data digits --res 32 --nf 8 --z-dim 32 --w-dim 32 --batch 16 --iters 3000 --adafm-start 500 \\
-                  --r1 0.625 --source runs/src/ckpt/last.pt --out runs/adafm-digits
+                  --r1 1.25 --source runs/src/ckpt/last.pt --out runs/adafm-digits
 """
 import argparse
 import itertools
@@ -85,8 +85,8 @@ def parse_args(argv=None):
     g.add_argument("--labels", choices=["none", "auto"], default="none", help="--mode pretrain: auto = conditional "
                    "on the digits classes or the first-level subfolders of --data")
     g.add_argument("--adafm-start", type=int, default=10000, help="AdaFM/FS gamma, beta train from this iteration on")
-    g.add_argument("--r1", type=float, default=10.0, help="R1 weight, r1 * mean_b sum (dD(x)/dx)^2 on reals (the "
-                   "paper's 10 is for 128 px: use 10 * (res / 128)^2)")
+    g.add_argument("--r1", type=float, default=20.0, help="R1 weight gamma: (gamma / 2) * mean_b sum (dD(x)/dx)^2 on "
+                   "reals, as in insgen.py (the authors' 10 * mean_b sum, set for 128 px: use 20 * (res / 128)^2)")
     g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the generator used for samples/eval")
     g.add_argument("--head-scale", default="auto", help="init of the per-channel rescaling w_c: auto (source feature "
                    "std/mean; 1 without a source) or a number (authors: ~1000 for the ImageNet source)")
@@ -412,7 +412,7 @@ def train_step(args, nets, opts, x, y):
         d_real, d_fake = D_run(x, y).float(), D_run(fake.to(x.dtype), y).float()
     grad, = torch.autograd.grad(d_real.sum(), x, create_graph=True)
     r1 = grad.float().pow(2).flatten(1).sum(1).mean()
-    loss_d = F.softplus(-d_real).mean() + F.softplus(d_fake).mean() + args.r1 * r1
+    loss_d = F.softplus(-d_real).mean() + F.softplus(d_fake).mean() + args.r1 / 2 * r1   # Mescheder et al. eq. 9
     opt_D.zero_grad(set_to_none=True)
     loss_d.backward()
     opt_D.step()

@@ -71,7 +71,8 @@ def parse_args(argv=None):
     g.add_argument("--cbase", type=int, default=None, help="channel_base: channels = min(cbase/res, cmax) (cfg: 16384)")
     g.add_argument("--cmax", type=int, default=512, help="channel_max")
     g.add_argument("--r1", "--gamma", dest="r1", type=float, default=None,
-                   help="R1 weight, NVIDIA's --gamma (cfg: paper256 1, auto 0.0002*res^2/batch)")
+                   help="R1 weight gamma: (gamma / 2) * mean_b sum (dD(x)/dx)^2, as in adafm.py; NVIDIA's --gamma "
+                   "(cfg: paper256 1, auto 0.0002*res^2/batch)")
     g.add_argument("--mbstd", type=int, default=None, help="minibatch-std group size (cfg: paper256 8, auto 4)")
     g.add_argument("--map", type=int, default=None, help="mapping layers (cfg: paper256 8, auto 2)")
     g.add_argument("--ema-kimg", type=float, default=None, help="G EMA half-life in kimg (cfg: 20, auto batch*10/32)")

@@ -1,7 +1,7 @@
 """Does a GP-GAN source (adafm.py --mode pretrain) learn, or collapse? One call for a GPU session.
 
 On a 2-core CPU every source recipe tried at 32 px collapses: the raw G draws one blurred shape for every z (pixel
-std over z 0.04-0.12 vs 0.41 over the real digits; README "Why the source collapses"). The paper's source is GP-GAN
+std over z 0.04-0.12 vs 0.41 over the real digits; docs/results.md "Why the source collapses"). The paper's source is GP-GAN
 at 128 px, nf 64. This script trains that architecture on digits (upsampled to --res) in chunks of --chunk
 iterations (resuming, so it is one run) until --minutes pass, and after each chunk prints and records the raw G's
 pixel std over 256 z, the D outputs, s/iteration (the chunk's wall clock, start-up included, / --chunk) and a
@@ -48,7 +48,7 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=500, help="iterations between measurements")
     p.add_argument("--quick", action="store_true", help="32 px, nf 4, 2 chunks of 3 iterations (checks the script)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("flags", nargs="*", help="extra adafm.py flags after --, e.g. -- --r1 1 --nf 64")
+    p.add_argument("flags", nargs="*", help="extra adafm.py flags after --, e.g. -- --r1 2 --nf 64")
     a = p.parse_args(argv)
     if a.quick:
         base = ["--res", "32", "--nf", "4", "--z-dim", "16", "--w-dim", "16", "--batch", "4"]
