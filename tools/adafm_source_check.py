@@ -1,8 +1,8 @@
 """Does a GP-GAN source (adafm.py --mode pretrain) learn, or collapse? One call for a GPU session.
 
 On a 2-core CPU every source recipe tried at 32 px collapses: the raw G draws one blurred shape for every z (pixel
-std over z 0.04-0.12 vs 0.41 over the real digits; docs/results.md "Why the source collapses"). The paper's source is GP-GAN
-at 128 px, nf 64. This script trains that architecture on digits (upsampled to --res) in chunks of --chunk
+std over z 0.04-0.12 vs 0.41 over the real digits; docs/results.md "Why the source collapses"). The paper's source
+is GP-GAN at 128 px, nf 64. This script trains that architecture on digits (upsampled to --res) in chunks of --chunk
 iterations (resuming, so it is one run) until --minutes pass, and after each chunk prints and records the raw G's
 pixel std over 256 z, the D outputs, s/iteration (the chunk's wall clock, start-up included, / --chunk) and a
 grid of 64 raw-G samples:
