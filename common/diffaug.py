@@ -1,10 +1,6 @@
-"""DiffAugment (Zhao et al., NeurIPS 2020), a line-for-line port of the reference `DiffAugment_pytorch.py`.
-
-Input NCHW in [-1, 1]. Ops run in policy order; every random draw is per sample; the whole pipeline is
-differentiable w.r.t. x. No clamping after the colour ops (by design). Apply to EVERY discriminator input
-(real and fake, in the D step and the G step), with independent draws for reals and fakes.
-Policies: few-shot `color,translation,cutout`; FastGAN `color,translation`; CIFAR `color,cutout`.
-"""
+"""DiffAugment (Zhao et al., NeurIPS 2020) as the reference `DiffAugment_pytorch.py`: NCHW in [-1, 1], ops in policy
+order, draws per sample, differentiable, no clamping. Apply it to EVERY D input (reals and fakes, D and G steps), with
+independent draws. Policies: few-shot `color,translation,cutout`; FastGAN `color,translation`; CIFAR `color,cutout`."""
 import torch
 import torch.nn.functional as F
 
@@ -46,14 +42,10 @@ def rand_translation(x, ratio=0.125):
     sx, sy = int(x.size(2) * ratio + 0.5), int(x.size(3) * ratio + 0.5)
     tx = torch.randint(-sx, sx + 1, size=[x.size(0), 1, 1], device=x.device)
     ty = torch.randint(-sy, sy + 1, size=[x.size(0), 1, 1], device=x.device)
-    gb, gx, gy = torch.meshgrid(
-        torch.arange(x.size(0), dtype=torch.long, device=x.device),
-        torch.arange(x.size(2), dtype=torch.long, device=x.device),
-        torch.arange(x.size(3), dtype=torch.long, device=x.device), indexing="ij")
+    gb, gx, gy = torch.meshgrid(*[torch.arange(n, device=x.device) for n in x.shape[:1] + x.shape[2:]], indexing="ij")
     gx = torch.clamp(gx + tx + 1, 0, x.size(2) + 1)  # index 0 / H+1 hit the zero padding
     gy = torch.clamp(gy + ty + 1, 0, x.size(3) + 1)
-    x_pad = F.pad(x, [1, 1, 1, 1, 0, 0, 0, 0])
-    return x_pad.permute(0, 2, 3, 1).contiguous()[gb, gx, gy].permute(0, 3, 1, 2)
+    return F.pad(x, [1, 1, 1, 1, 0, 0, 0, 0]).permute(0, 2, 3, 1).contiguous()[gb, gx, gy].permute(0, 3, 1, 2)
 
 
 def rand_cutout(x, ratio=0.5):
@@ -61,10 +53,7 @@ def rand_cutout(x, ratio=0.5):
     cs = int(x.size(2) * ratio + 0.5), int(x.size(3) * ratio + 0.5)
     ox = torch.randint(0, x.size(2) + (1 - cs[0] % 2), size=[x.size(0), 1, 1], device=x.device)
     oy = torch.randint(0, x.size(3) + (1 - cs[1] % 2), size=[x.size(0), 1, 1], device=x.device)
-    gb, gx, gy = torch.meshgrid(
-        torch.arange(x.size(0), dtype=torch.long, device=x.device),
-        torch.arange(cs[0], dtype=torch.long, device=x.device),
-        torch.arange(cs[1], dtype=torch.long, device=x.device), indexing="ij")
+    gb, gx, gy = torch.meshgrid(*[torch.arange(n, device=x.device) for n in (x.size(0), *cs)], indexing="ij")
     gx = torch.clamp(gx + ox - cs[0] // 2, min=0, max=x.size(2) - 1)
     gy = torch.clamp(gy + oy - cs[1] // 2, min=0, max=x.size(3) - 1)
     mask = torch.ones(x.size(0), x.size(2), x.size(3), dtype=x.dtype, device=x.device)
@@ -72,11 +61,8 @@ def rand_cutout(x, ratio=0.5):
     return x * mask.unsqueeze(1)
 
 
-AUGMENT_FNS = {
-    "color": [rand_brightness, rand_saturation, rand_contrast],
-    "translation": [rand_translation],
-    "cutout": [rand_cutout],
-}
+AUGMENT_FNS = {"color": [rand_brightness, rand_saturation, rand_contrast], "translation": [rand_translation],
+               "cutout": [rand_cutout]}
 
 
 def check_policy(policy, flag):

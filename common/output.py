@@ -1,10 +1,6 @@
 """What a run writes and reads back: the run directory and args.json, progress lines and metrics.jsonl (and
-TensorBoard), sample grids, checkpoints (versioned, written atomically) and resuming them with the RNG states.
-
-A write that fails (full disk, read-only file system, no permission) never corrupts a run: files are written to a
-temp file and renamed, and the temp file is removed on failure. A checkpoint, args.json or metrics.jsonl that cannot
-be written ends the run with one UserError line naming the file, the reason and the last good checkpoint; a sample
-grid or a TensorBoard event that cannot be written warns once and training goes on (they are not needed to resume)."""
+TensorBoard), sample grids, checkpoints (versioned, written atomically) and resuming them with the RNG states."""
+import atexit
 import io
 import json
 import math
@@ -13,7 +9,7 @@ import random
 import re
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import numpy as np
 import torch
@@ -26,18 +22,11 @@ _SAVED = {"path": None, "step": None}  # the last checkpoint written or resumed:
 _WARNED = set()
 
 
-def write_error(path, e):
-    """The UserError of a failed essential write: the file, the reason, what is safe."""
-    reason = os.strerror(e.errno).lower() if getattr(e, "errno", None) else str(e)
-    safe = (f"the last good checkpoint is {_SAVED['path']} (iteration {_SAVED['step']}): free space and rerun with "
-            "--resume auto" if _SAVED["path"] else "no checkpoint was written yet: free space and rerun")
-    return UserError(f"cannot write {path} ({reason}); {safe}")
-
-
 @contextmanager
 def writing(path, essential=True, atomic=True):
-    """Yield the file name to write `path` through (<path>.tmp, renamed on success when atomic). On an OSError the
-    temp file is removed, then an essential file raises write_error; another warns once and the run goes on."""
+    """Yield the file name to write `path` through (<path>.tmp, renamed on success if atomic): a failed write never
+    corrupts a run. On an OSError the temp file goes; an essential file (checkpoint, args.json, metrics.jsonl) ends the
+    run with one UserError line (file, reason, last good checkpoint), another (grids, TensorBoard) warns once."""
     tmp = path + ".tmp" if atomic else path
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -45,13 +34,15 @@ def writing(path, essential=True, atomic=True):
         if atomic:
             os.replace(tmp, path)
     except OSError as e:
-        if atomic and os.path.exists(tmp):
-            try:
+        if atomic:
+            with suppress(OSError):
                 os.remove(tmp)
-            except OSError:
-                pass
         if essential:
-            raise write_error(path, e) from None
+            reason = os.strerror(e.errno).lower() if e.errno else str(e)
+            safe = (f"the last good checkpoint is {_SAVED['path']} (iteration {_SAVED['step']}): free space and "
+                    "rerun with --resume auto" if _SAVED["path"] else
+                    "no checkpoint was written yet: free space and rerun")
+            raise UserError(f"cannot write {path} ({reason}); {safe}") from None
         warn_once(path, e)
 
 
@@ -82,8 +73,7 @@ def prepare_run_dir(args, method, is_main=True):
     return args.out
 
 
-# --tensorboard: one writer per process, opened by prepare_run_dir (main process only) and fed by log_metrics,
-# Progress and save_grid, i.e. from the very values metrics.jsonl, the progress line and samples/ get.
+# --tensorboard: one writer, opened by prepare_run_dir (main process), fed the values of metrics.jsonl and samples/
 _TB = {"writer": None, "step": 0}
 
 
@@ -98,12 +88,9 @@ def summary_writer_class():
 
 
 def open_tensorboard(logdir, writer=None):
-    """Start logging to TensorBoard in `logdir` (`writer`: an object with add_scalar/add_image/close to use instead of
-    a SummaryWriter). Returns the writer."""
-    import atexit
+    """Log to TensorBoard in `logdir`, through `writer` if given (add_scalar/add_image/close). Returns the writer."""
     close_tensorboard()
-    _TB["writer"] = writer if writer is not None else summary_writer_class()(log_dir=logdir)
-    _TB["step"] = 0
+    _TB.update(writer=writer if writer is not None else summary_writer_class()(log_dir=logdir), step=0)
     atexit.register(close_tensorboard)
     return _TB["writer"]
 
@@ -130,8 +117,7 @@ def tb_scalars(record, step=None):
     step = record.get("iter", record.get("step", _TB["step"])) if step is None else step
     _TB["step"] = int(step)
     for k, v in record.items():
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            v = v.item()
+        v = v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
         if k not in ("iter", "step") and isinstance(v, (int, float)) and not isinstance(v, bool):
             _tb("add_scalar", k, float(v), int(step))
 
@@ -146,22 +132,13 @@ def log_metrics(out, record):
 
 class Progress:
     """Prints 'it 120/50000 | 3.41 it/s | ETA 4h03m | loss_d 0.52 loss_g 1.20' every `every` iterations and appends
-    the same numbers as {"iter": it, ...} to <out>/metrics.jsonl when `out` is given (it/s to TensorBoard). On a
-    terminal (`stream`, default sys.stdout) the text is one live line '[#####.....]  42% it ...' rewritten in place
-    (at most every `refresh` s between log steps) and ended with a newline at the last iteration."""
+    them as {"iter": it, ...} to <out>/metrics.jsonl if `out` is given (it/s to TensorBoard). On a terminal (`stream`,
+    default stdout) it is one live line '[#####.....]  42% it ...', redrawn at most every `refresh` s."""
 
     def __init__(self, total, start=0, every=100, enabled=True, out=None, stream=None, refresh=0.5):
         self.total, self.every, self.enabled, self.out = total, every, enabled, out
         self.t0, self.i0 = time.time(), start
         self.stream, self.refresh, self._shown, self._width = stream, refresh, 0.0, 0
-
-    def rate(self, it):
-        return (it - self.i0) / max(time.time() - self.t0, 1e-9)
-
-    def line(self, it, r, losses):
-        h, m = divmod(int((self.total - it) / max(r, 1e-9)) // 60, 60)
-        vals = " ".join(f"{k} {float(v):.4g}" for k, v in losses.items())
-        return f"it {it}/{self.total} | {r:.3g} it/s | ETA {h}h{m:02d}m | {vals}"
 
     def __call__(self, it, **losses):
         if not self.enabled:
@@ -171,8 +148,10 @@ class Progress:
         tty = bool(getattr(stream, "isatty", lambda: False)())
         if not due and not (tty and time.time() - self._shown >= self.refresh):  # float(loss) may wait for the GPU
             return
-        r = self.rate(it)
-        text = self.line(it, r, losses)
+        r = (it - self.i0) / max(time.time() - self.t0, 1e-9)
+        h, m = divmod(int((self.total - it) / max(r, 1e-9)) // 60, 60)
+        vals = " ".join(f"{k} {float(v):.4g}" for k, v in losses.items())
+        text = f"it {it}/{self.total} | {r:.3g} it/s | ETA {h}h{m:02d}m | {vals}"
         if tty:
             frac = min(max(it / max(self.total, 1), 0.0), 1.0)
             text = f"[{'#' * int(frac * 20):.<20}] {frac * 100:3.0f}% {text}"
@@ -196,7 +175,7 @@ def to_uint8(x):
 
 def save_grid(images, path, nrow=None, essential=False):
     """Save a [-1, 1] NCHW batch as one PNG grid (temp file, then rename); with --tensorboard also as an image
-    ('samples' for samples/<step>.png, else the file's stem). A training grid is not essential (see the docstring)."""
+    ('samples' for samples/<step>.png, else the file's stem). A training grid is not essential (see `writing`)."""
     import torchvision.utils as vutils
     nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
     grid = vutils.make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=nrow, normalize=True, value_range=(-1, 1))
@@ -210,9 +189,8 @@ def save_grid(images, path, nrow=None, essential=False):
 
 
 def save_checkpoint(obj, path):
-    """torch.save through a temp file and a rename: a crash or a full disk never corrupts the previous checkpoint.
-    Serialised in memory first, so a failed write is an OSError with its reason (torch.save's own file writer only
-    says 'unexpected pos'). Records the file as the last good checkpoint."""
+    """torch.save via `writing`, serialised in memory first so a failed write is an OSError with its reason
+    (torch.save's own file writer says 'unexpected pos'). Records the file as the last good checkpoint."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     with writing(path) as tmp, open(tmp, "wb") as f:
@@ -261,14 +239,12 @@ def run_checkpoint(args):
 
 def resolve_resume(args):
     """--resume auto -> <out>/ckpt/last.pt if present (else None: fresh start); --resume PATH -> PATH (must exist)."""
-    if not args.resume:
-        return None
     if args.resume == "auto":
         return run_checkpoint(args)
-    if not os.path.isfile(args.resume):
+    if args.resume and not os.path.isfile(args.resume):
         raise UserError(f"--resume {args.resume}: no such checkpoint file (use --resume auto to start fresh when none "
                         "exists)")
-    return args.resume
+    return args.resume or None
 
 
 def check_flags(ckpt, path, args, names):
@@ -281,9 +257,8 @@ def check_flags(ckpt, path, args, names):
 
 
 def read_resume(args, method, arch=()):
-    """--resume, read and checked before any expensive set-up (data, priors, source weights, networks):
-    (checkpoint, path) of a readable checkpoint written by `method` with the flags `arch` (they fix the networks'
-    shapes) unchanged; (None, None) for a fresh start. A fresh start into an --out that holds a run is refused."""
+    """--resume, checked before any slow set-up: (checkpoint, path) of one written by `method` with the flags `arch`
+    (they fix the networks' shapes) unchanged, else (None, None); a fresh start into an --out with a run is refused."""
     if getattr(args, "tensorboard", False):
         summary_writer_class()  # --tensorboard without the package: fail here, before any slow set-up
     _SAVED.update(path=None, step=None)  # a new run (several can run in one process: tests, tools)
@@ -313,8 +288,7 @@ def load_state_dicts(ckpt, path, saved):
 
 
 def resume(ckpt, path, saved, ddp, args):
-    """Continue a run: every entry of `saved` from the checkpoint, then the RNG states (restore_rng).
-    Returns (step, best FID)."""
+    """Continue a run: every entry of `saved` from the checkpoint, then the RNG states. Returns (step, best FID)."""
     load_state_dicts(ckpt, path, saved)
     step = ckpt["step"]
     restore_rng(ckpt["rng"], ddp.rank, args.seed, step)
@@ -345,9 +319,8 @@ def set_rng_state(st):
 
 
 def restore_rng(state, rank, seed, step):
-    """Resume. One process: its saved RNG state, exactly (same losses as an uninterrupted run). Under torchrun only
-    rank 0's state is saved: ranks > 0 reseed from (seed, rank, step), distinct streams per rank (not rank 0's copy),
-    reproducible, but not bit-equal to an uninterrupted multi-process run."""
+    """One process: its saved RNG state, exactly (the losses of an uninterrupted run). Under torchrun only rank 0's is
+    saved: ranks > 0 reseed from (seed, rank, step), distinct per rank, reproducible, not bit-equal to no restart."""
     set_rng_state(state)
     if rank:
         seed_everything(seed + 1000 * rank + 7919 * step)

@@ -40,19 +40,16 @@ def add_common_args(p, *, res, batch, iters, lr, data="digits", sample_every=100
                    help="squash: resize to res x res; center: centre-crop a square, then resize")
     g.add_argument("--no-flip", action="store_true", help="disable random horizontal flips of real images")
     g.add_argument("--batch", type=int, default=batch, help="total batch size (split across torchrun processes)")
-    g.add_argument("--iters", type=int, default=iters,
-                   help="total training iterations (a resumed run stops at the same total)")
+    g.add_argument("--iters", type=int, default=iters, help="total iterations (a resumed run stops at the same total)")
     g.add_argument("--lr", type=float, default=lr, help="learning rate")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--out", default=None, help="run directory (default runs/<method>-<data>-<res>-<seed>-<time>)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--resume", default=None,
-                   help="'auto' (continue <out>/ckpt/last.pt if it exists) or a checkpoint path")
+    g.add_argument("--resume", default=None, help="'auto' (continue <out>/ckpt/last.pt if it exists) or a checkpoint")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA and CPU)")
     g.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
-                   help="torch.compile the networks whose training needs no double backward (the script's docstring "
-                   "says which), in this mode (bare --compile: default; reduce-overhead captures CUDA graphs); slow "
-                   "first iterations")
+                   help="torch.compile the networks without a double backward (the script's docstring says which) "
+                   "in this mode (bare --compile: default; reduce-overhead: CUDA graphs); slow first iterations")
     g.add_argument("--workers", type=int, default=2, help="data-loading workers for large (streamed) datasets")
     g.add_argument("--log-every", type=int, default=log_every, help="print a progress line every N iterations")
     g.add_argument("--sample-every", type=int, default=sample_every, help="write samples/<step>.png every N iterations")
@@ -78,23 +75,20 @@ def seed_everything(seed):
 
 def pick_device(name="auto", local_rank=0):
     if name == "auto":
-        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for, but this PyTorch sees no CUDA GPU: use --device cpu")
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    return torch.device(name)
+    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
 
 
 class Distributed:
-    """This process's place in a run. Under `torchrun` (any --nproc_per_node, 1 included) it initialises
-    torch.distributed (NCCL on CUDA, gloo on CPU) and `wrap` returns DistributedDataParallel modules; otherwise `on`
-    is False and everything is a no-op. On CUDA it also turns on cuDNN's autotuner (every loop here has fixed
-    shapes)."""
+    """This process's place in a run. Under `torchrun` (any --nproc_per_node) it initialises torch.distributed (NCCL on
+    CUDA, gloo on CPU) and `wrap` gives DDP modules, else `on` is False. CUDA: cuDNN autotuning (fixed shapes)."""
 
     def __init__(self, device_arg="auto"):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        self.is_main = self.rank == 0
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = pick_device(device_arg, self.local_rank)
         self.on = self.world > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # set by torchrun
@@ -103,7 +97,6 @@ class Distributed:
             torch.backends.cudnn.benchmark = True
         if self.on and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.is_main = self.rank == 0
 
     def per_rank_batch(self, batch):
         if batch % self.world:
@@ -137,9 +130,8 @@ def check_finite(losses, step, out=None):
 
 
 class StopOnInterrupt:
-    """First Ctrl-C (SIGINT) only sets `requested`: the loop finishes the current iteration, saves ckpt/last.pt at
-    that step and exits 130, so the run resumes exactly. A second Ctrl-C raises KeyboardInterrupt at once (nothing
-    saved). `restore()` puts the previous handler back."""
+    """First Ctrl-C (SIGINT) only sets `requested`: the loop finishes the iteration, saves ckpt/last.pt and exits 130
+    (the run resumes exactly); a second raises KeyboardInterrupt at once. `restore()`: the previous handler back."""
 
     def __init__(self, verbose=True):
         self.requested, self.verbose, self._old = False, verbose, None
@@ -161,12 +153,9 @@ class StopOnInterrupt:
 
 
 class SetupInterrupt:
-    """Wrap a script's set-up (data, priors, source weights, networks): a Ctrl-C there becomes one 'interrupted during
-    set-up (...)' line and exit code 130 (the detail: the KeyboardInterrupt's message, e.g. what was kept). `done()`
-    hands over to the loop's StopOnInterrupt: later KeyboardInterrupts pass through."""
-
-    def __init__(self):
-        self.active = True
+    """Wrap a script's set-up (data, priors, source weights, networks): a Ctrl-C there is one line 'interrupted during
+    set-up (<the KeyboardInterrupt's message>)', exit 130; `done()` hands over to the loop's StopOnInterrupt."""
+    active = True
 
     def done(self):
         self.active = False
@@ -179,7 +168,6 @@ class SetupInterrupt:
             detail = str(e) or "before the first training step; rerun the same command"
             print(f"interrupted during set-up ({detail})", file=sys.stderr, flush=True)
             sys.exit(130)
-        return False
 
 
 def time_steps(step, n, device):
@@ -196,10 +184,9 @@ def time_steps(step, n, device):
 
 
 def bench(steps, n, device, batch, what="", block=1):
-    """--bench N, the same in every script. `steps` = {name: step()}, each step one training iteration (and the EMA)
-    on a fixed random batch. After one warm-up call each, the variants take turns in blocks of `block` calls until
-    each has run N, so a burst of other work on the machine hits all alike; s/iteration = the median over blocks of
-    the block's mean. Prints s/iteration, s/kimg and the ratio to the first variant; returns {name: s/iteration}."""
+    """--bench N in every script: `steps` = {name: step()}, one training iteration (and the EMA) on a fixed random batch
+    each; after a warm-up each, they take turns in blocks of `block` calls (a burst of other work hits all alike) until
+    each ran N. Prints and returns {name: s/iteration} (median block mean), with s/kimg and ratios."""
     for step in steps.values():
         time_steps(step, 0, device)
     means = {name: [] for name in steps}
@@ -217,9 +204,8 @@ def bench(steps, n, device, batch, what="", block=1):
 
 
 def compiled(model, mode):
-    """--compile MODE: torch.compile(model, mode) for the training passes (checkpoints keep the plain module); None:
-    the model itself. Layers that share one forward() at many shapes recompile per shape: the limit is raised from 8
-    so none falls back to eager."""
+    """--compile MODE: torch.compile(model) for the training passes (checkpoints keep the plain module), else model.
+    Recompile limit 8 -> 64: a layer whose forward() sees many shapes recompiles per shape, not falling to eager."""
     if not mode:
         return model
     import torch._dynamo

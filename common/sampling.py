@@ -13,18 +13,14 @@ from common.run import UserError
 
 
 def latent_seeds(latents):
-    """One seed per latent row, a hash of its float32 bytes: the same latent always gets the same seed, whatever
-    batch it is in (so a sample is a deterministic function of its latent, i.e. of (seed, index))."""
+    """One seed per latent row, a hash of its float32 bytes: a sample is a function of its latent, whatever batch."""
     rows = latents.detach().float().cpu().contiguous().numpy()
     return [int.from_bytes(hashlib.sha1(r.tobytes()).digest()[:8], "little") >> 1 for r in rows]
 
 
 class PerSampleNoise:
-    """A noise source for a generator's noise-injection layers at sampling time: `noise(x)` returns N(0, 1) maps
-    [n, 1, H, W] whose row i comes from row i's own torch.Generator (seeded by `seeds[i]`). The layers are called
-    in the same order for every batch, so each sample's noise depends on its own seed only: no two samples share a
-    noise map, and the batch size does not change any image."""
-
+    """Noise for noise-injection layers at sampling time: `noise(x)`, N(0, 1) maps [n, 1, H, W], row i from its own
+    generator seeded by `seeds[i]` (the layers run in the same order for every batch): the batch changes no image."""
     PARALLEL_MIN = 1 << 20  # maps of at least this many values are drawn by torch.get_num_threads() threads
 
     def __init__(self, seeds):
@@ -33,17 +29,15 @@ class PerSampleNoise:
     def __call__(self, x):
         if x.shape[0] != len(self.gens):
             raise RuntimeError(f"PerSampleNoise made for {len(self.gens)} samples got a batch of {x.shape[0]}")
-        # drawn on the CPU (the same maps on every device), into pinned memory for an asynchronous copy to a GPU;
-        # large batches of large maps (1024 px sampling) in parallel threads, one generator per row: the same values
+        # drawn on the CPU (the same maps on every device), into pinned memory for an asynchronous copy to a GPU
         maps = torch.empty(len(self.gens), 1, *x.shape[2:], pin_memory=x.device.type == "cuda")
         draw = lambda i: torch.randn(maps.shape[1:], generator=self.gens[i], out=maps[i])  # noqa: E731
         threads = min(torch.get_num_threads(), len(self.gens))
-        if threads > 1 and maps.numel() >= self.PARALLEL_MIN:
+        if threads > 1 and maps.numel() >= self.PARALLEL_MIN:  # e.g. 1024 px: one generator per row, the same values
             with ThreadPoolExecutor(threads) as pool:
                 list(pool.map(draw, range(len(self.gens))))
         else:
-            for i in range(len(self.gens)):
-                draw(i)
+            list(map(draw, range(len(self.gens))))
         return maps.to(device=x.device, dtype=x.dtype, non_blocking=True)
 
 
@@ -53,16 +47,10 @@ def _fixed_map(seed, h, w):
     return torch.from_numpy(np.random.default_rng(seed).standard_normal((1, 1, h, w), dtype=np.float32))
 
 
-class FixedNoise:
-    """Sampler option noise=const for generators with per-sample noise: `noise(x)` is one N(0, 1) map [1, 1, H, W]
-    (broadcast over the batch) drawn from `seed` (numpy PCG64), the same for every sample and every call.
-    Deterministic, batch-independent and traceable (eval.py --export bakes it in)."""
-
-    def __init__(self, seed):
-        self.seed = int(seed)
-
-    def __call__(self, x):
-        return _fixed_map(self.seed, int(x.shape[2]), int(x.shape[3])).to(x)  # x's device and dtype
+def fixed_noise(seed):
+    """Sampler option noise=const: a noise source whose one N(0, 1) map [1, 1, H, W] (numpy PCG64, from `seed`) is the
+    same for every sample and call: deterministic, batch-independent and traceable (eval.py --export bakes it in)."""
+    return lambda x: _fixed_map(int(seed), int(x.shape[2]), int(x.shape[3])).to(x)  # x's device and dtype
 
 
 NOISE_MODES = ("random", "const")  # sampler option noise=... of the per-sample-noise generators (fastgan, adafm)
@@ -70,7 +58,7 @@ CONST_NOISE_SEED = 2 ** 21  # noise=const: layer i (in G.modules() order) draws 
 
 
 def check_noise_mode(mode):
-    """random: per-sample noise seeded by each latent (PerSampleNoise); const: fixed maps (FixedNoise)."""
+    """random: per-sample noise seeded by each latent (PerSampleNoise); const: fixed maps (fixed_noise)."""
     if mode not in NOISE_MODES:
         raise UserError(f"sampler option noise={mode!r}: use random or const")
     return mode
@@ -78,13 +66,12 @@ def check_noise_mode(mode):
 
 @contextmanager
 def per_sample_noise(G, latents, noise_cls, mode="random"):
-    """Inside the block every `noise_cls` module of G (which draws `self.noise_source(x)` when it is set, else
-    torch.randn) takes its noise from PerSampleNoise(latent_seeds(latents)) (mode 'random'), or, mode 'const', from
-    its own FixedNoise(CONST_NOISE_SEED + layer index)."""
+    """Inside the block every `noise_cls` module of G (it draws `self.noise_source(x)` when set) takes its noise from
+    PerSampleNoise(latent_seeds(latents)) (mode random), or from fixed_noise(CONST_NOISE_SEED + layer index) (const)."""
     mods = [m for m in G.modules() if isinstance(m, noise_cls)]
     src = PerSampleNoise(latent_seeds(latents)) if mode == "random" else None
     for i, m in enumerate(mods):
-        m.noise_source = src or FixedNoise(CONST_NOISE_SEED + i)
+        m.noise_source = src or fixed_noise(CONST_NOISE_SEED + i)
     try:
         yield
     finally:
@@ -96,10 +83,8 @@ BN_MODES = ("copy", "batch", "recompute")  # BatchNorm at sampling time (sampler
 
 
 def check_bn_mode(mode):
-    """copy: eval mode with the running statistics G carries (an EMA generator's are copied from the live G);
-    batch: the statistics of each sampling batch (train-mode BN, as the FastGAN authors sample; an image then
-    depends on its batch companions); recompute: running statistics recomputed for THIS generator
-    (recompute_bn_stats), then eval mode."""
+    """copy: eval mode, G's running statistics (an EMA G's are the live G's); batch: each batch's statistics (train-mode
+    BN, as the FastGAN authors sample; an image depends on its batch); recompute: recompute_bn_stats, then eval."""
     if mode not in BN_MODES:
         raise UserError(f"sampler option bn={mode!r} is not one of {', '.join(BN_MODES)}")
     return mode
@@ -124,17 +109,15 @@ def batch_stat_bn(G, on=True):
 
 @torch.no_grad()
 def recompute_bn_stats(G, z, forward, chunk=64):
-    """Set every BatchNorm's running mean / (unbiased) variance to the mean / variance of its inputs over all
-    latents z, from `forward(z_chunk)` (which runs G) in chunks with batch-statistic BN (everything else, spectral
-    norm included, in eval mode). Exact pooled moments (per-chunk var_mean combined in float64, Chan et al.), not an
-    average of per-chunk variances. G ends in eval mode."""
+    """Set every BatchNorm's running mean / (unbiased) variance to those of its inputs over all latents z, from
+    `forward(z_chunk)` (which runs G) in chunks with batch-statistic BN, the rest (spectral norm too) in eval mode:
+    exact pooled moments (per-chunk var_mean combined in float64, Chan et al.). G ends in eval mode."""
     bns = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     acc = {m: [] for m in bns}  # per chunk: (count per channel, mean, biased variance)
 
     def hook(m, inp):
         v, mu = torch.var_mean(inp[0].detach().float(), dim=(0, 2, 3), correction=0)
         acc[m].append((inp[0].numel() // inp[0].shape[1], mu.double(), v.double()))
-
     handles = [m.register_forward_pre_hook(hook) for m in bns]
     try:
         with batch_stat_bn(G):
@@ -152,34 +135,30 @@ def recompute_bn_stats(G, z, forward, chunk=64):
     return G.eval()
 
 
-def sampler_grad(fn):
-    """Decorator of a Sampler's generate-like methods: no autograd graph, as @torch.no_grad(), except inside
-    `with sampler.differentiable():` (eval.py --project), where gradients reach the latents."""
-    @functools.wraps(fn)
-    def wrapped(self, *args, **kwargs):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and getattr(self, "_grad", False)):
-            return fn(self, *args, **kwargs)
-    return wrapped
-
-
 class SamplerBase:
-    """The contract eval.py relies on. Each method script defines `load_for_sampling(ckpt, device) -> Sampler`
-    where Sampler subclasses this and implements `latents` and `generate` (EMA generator, eval mode, no grad:
-    decorate them with @SamplerBase.sampler_grad: @torch.no_grad() outside `differentiable()`).
-    Optional: `style_mix(lat_a, lat_b) -> images` (coarse structure from a, the rest from b); `latent_doc()`;
-    `export_opts` and `export_check()` (eval.py --export); `proj_init` / `proj_generate` (eval.py --project)."""
+    """The contract eval.py relies on: each method script's `load_for_sampling(ckpt, device)` returns a subclass that
+    implements `latents` and `generate` (EMA generator, eval mode, @SamplerBase.sampler_grad) and optionally
+    `style_mix(lat_a, lat_b) -> images` (coarse structure from a, the rest from b); the other hooks have defaults."""
     res = None
-    sampler_grad = staticmethod(sampler_grad)  # @SamplerBase.sampler_grad in a method's Sampler class body
     export_opts = {}  # sampler options eval.py --export and --project apply (a deterministic mode, e.g. noise=const)
     proj_space = "z"  # what eval.py --project optimises (proj_init's kind), for its outputs
     _grad = False
 
+    @staticmethod
+    def sampler_grad(fn):
+        """Decorator of a Sampler's generate-like methods: no autograd graph, as @torch.no_grad(), except inside
+        `with sampler.differentiable():` (eval.py --project), where gradients reach the latents."""
+        @functools.wraps(fn)
+        def wrapped(self, *args, **kwargs):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and getattr(self, "_grad", False)):
+                return fn(self, *args, **kwargs)
+        return wrapped
+
     @property
     def batch_independent(self):
         """Whether generate() gives each latent the image it gets alone, whatever the other latents of the call
-        (eval.py --save-images / --gif batch only then; --export / --project need it). Not with bn=batch (BatchNorm
-        with each call's statistics, BN_MODES); a method whose images depend on their batch companions otherwise
-        (insgen's noise=random: one noise seed per call) overrides this."""
+        (eval.py --save-images / --gif batch only then; --export / --project need it). Not with bn=batch; a method
+        whose images depend on their batch companions otherwise (insgen's noise=random) overrides this."""
         return getattr(self, "bn", None) != "batch"
 
     def latents(self, n, seed):
@@ -192,8 +171,7 @@ class SamplerBase:
 
     def latent_doc(self):
         """What generate() expects (shape, distribution): eval.py --export saves it in the export."""
-        z = self.latents(1, 0)
-        return f"latents [n, {', '.join(map(str, z.shape[1:]))}] as Sampler.latents draws them"
+        return f"latents [n, {', '.join(map(str, self.latents(1, 0).shape[1:]))}] as Sampler.latents draws them"
 
     def export_check(self):
         """Raise UserError (one line) when this sampler's generate() cannot be exported as a function of its latents."""
@@ -212,8 +190,7 @@ class SamplerBase:
             self._grad = False
 
     def proj_init(self, latents):
-        """The variable eval.py --project optimises, for these latents: the latents themselves (z; DISP [z ; prior])
-        unless a method says otherwise (InsGen: W)."""
+        """The variable eval.py --project optimises for these latents: the latents (z; DISP [z ; prior]; InsGen: W)."""
         return latents.detach().clone()
 
     def proj_generate(self, v):
@@ -228,9 +205,8 @@ class SamplerBase:
 
 @torch.no_grad()
 def save_style_mix(sampler, path, seed=0, n_a=6, n_b=4, batch=64, essential=False):
-    """The style-mixing grid (eval.py --mix, and samples/style_mix.png at the end of training): a blank corner, the
-    top row n_a samples a, the left column n_b samples b, cell (row r, column c) = sampler.style_mix(a_c, b_r)
-    (a's coarse part, b's fine part; what each method swaps is in its Sampler.style_mix)."""
+    """The style-mixing grid (eval.py --mix, samples/style_mix.png after training): a blank corner, n_a samples a on
+    top, n_b samples b on the left, cell (r, c) = sampler.style_mix(a_c, b_r) (a's coarse part, b's fine part)."""
     if not callable(getattr(sampler, "style_mix", None)):
         raise UserError(f"{type(sampler).__module__}'s Sampler has no style_mix(lat_a, lat_b): no style-mixing grid")
     za, zb = sampler.latents(n_a, seed), sampler.latents(n_b, seed + 1)

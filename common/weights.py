@@ -1,6 +1,5 @@
-"""Pretrained weights: a local file (a flag), else the torch.hub cache, else one download with a timeout; offline, one
-UserError line that names the file, where to put it and the flag that takes it. And LPIPS v0.1 on VGG16
-(Zhang et al. 2018), which FastGAN's reconstruction loss and eval.py --project share."""
+"""Pretrained weights (`fetch`: a flag's file, else the torch.hub cache, else one download with a timeout; offline, one
+UserError line), and LPIPS v0.1 on VGG16 (Zhang et al. 2018) for FastGAN's reconstruction loss and eval.py --project."""
 import importlib.util
 import os
 import socket
@@ -57,9 +56,8 @@ def load_state(path, what="weights"):
 
 
 class LPIPS(nn.Module):
-    """LPIPS v0.1 'net-lin' on VGG16, as the lpips copy in the FastGAN authors' repo: inputs in [-1, 1], scaling
-    layer, relu1_2/2_2/3_3/4_3/5_3 features unit-normalised over channels, squared difference, non-negative 1x1
-    linear weights, spatial mean, sum over the five layers -> one distance per image. Frozen, always eval mode."""
+    """LPIPS v0.1 'net-lin' on VGG16 as in the FastGAN authors' repo: [-1, 1] in, scaling layer, relu1_2 ... 5_3 unit-
+    normalised over channels, squared difference, 1x1 linear weights, spatial mean, sum over layers. Frozen, eval."""
     SHIFT, SCALE, TAPS, CH = (-.030, -.088, -.188), (.458, .448, .450), (3, 8, 15, 22, 29), (64, 128, 256, 512, 512)
 
     def __init__(self):
