@@ -1,5 +1,5 @@
 """The CUDA path of every method, for a machine with a GPU: `python -m pytest -q tests/test_cuda.py` (`bash .ci/gpu
-tests` runs all but the --compile checks, `bash .ci/gpu speed` those).
+tests` runs all but the --compile checks, `bash .ci/gpu parity` those).
 
 Skipped without CUDA, so the CPU suite stays green. `GAN_TEST_CUDA_DEVICE=cpu` runs the same tests on the CPU at toy
 sizes (a dry run of this file's logic, ~2 min on 2 cores; CI does not run it).
