@@ -400,7 +400,7 @@ def project(sampler, target, steps, lr=0.1, n_init=64, seed=0, lpips=None, batch
                                                                 antialias=True, align_corners=False)
     with torch.no_grad():
         cand = sampler.latents(n_init, seed)
-        imgs = generate(sampler, cand, 16).to(dev)
+        imgs = torch.cat([sampler.generate(cand[i:i + batch]).float() for i in range(0, n_init, batch)])
         d = torch.stack([((imgs[j:j + 1] - target) ** 2).mean((1, 2, 3)) for j in range(n_init)])  # [n_init, n]
         v = sampler.proj_init(cand[d.argmin(0)]).detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=lr, betas=(0.9, 0.999))
@@ -458,7 +458,7 @@ def projector(args, src):
           f"{sampler.proj_space}, {args.steps} Adam steps from the best of {args.proj_init} samples; sampler options "
           f"{opts}", flush=True)
     info = {"loss": kind, "lpips_source": how, "space": sampler.proj_space, "steps": args.steps, "lr": args.proj_lr,
-            "n_init": args.proj_init, "seed": args.seed, "sampler_opts": opts, "res": src.res,
+            "n_init": args.proj_init, "seed": args.seed, "sampler_opts": opts, "res": sampler.res,
             "method": src.info["method"], "step": src.info["step"]}
     src.proj = SimpleNamespace(sampler=sampler, kind=kind, info=info, run=lambda target, what: project(
         sampler, target, args.steps, args.proj_lr, args.proj_init, args.seed, lpips, args.batch, log=f"{what}: "))
@@ -469,7 +469,7 @@ def project_images(args, src):
     """--project IMAGE...: <tag>-project.png (a row per image: target, start, 6 steps, reconstruction),
     <tag>-project-latents.pt and <tag>-project.json (losses at the start and the end)."""
     pj = projector(args, src)
-    target, files = read_targets(args.project, src.res, src.crop)
+    target, files = read_targets(args.project, pj.sampler.res, src.crop)
     r = pj.run(target, "project")
     rows = [{"image": f, **row} for f, row in zip(files, image_rows(r))]
     base = os.path.join(src.out, f"{src.tag}-project")
@@ -489,11 +489,11 @@ def mem_project(args, src):
     held-out / train >> 1: training images reproduced much better. <tag>-memproj.png (rows: targets, projections)."""
     from common.data import load_dataset
     pj = projector(args, src)
-    ds = load_dataset(src.data, src.res, src.root, src.crop)
+    ds = load_dataset(src.data, pj.sampler.res, src.root, src.crop)
     n_train = int(src.ckpt_args.get("max_images") or 0) or len(ds)
     pools = {"train": (ds, range(min(n_train, len(ds))), src.data)}
     if args.holdout:
-        hd = load_dataset(args.holdout, src.res, src.root, src.crop)
+        hd = load_dataset(args.holdout, pj.sampler.res, src.root, src.crop)
         pools["heldout"] = (hd, range(len(hd)), args.holdout)
     elif n_train < len(ds):
         pools["heldout"] = (ds, range(n_train, len(ds)), f"{src.data} images {n_train}.. (after --max-images)")
@@ -521,18 +521,18 @@ def mem_project(args, src):
     return [path, write_json(os.path.join(src.out, f"{src.tag}-memproj.json"), result)]
 
 
-def mem_grid(ds, real_idx, fake_imgs, nn_idx, nn_dist, res):
-    """Rows: the 8 fakes closest to the training set, each followed by its nearest training images."""
+def mem_grid(ds, real_idx, fake_imgs, nn_idx, nn_dist, res, batch):
+    """Rows: the 8 fakes closest to the training set, each followed by its nearest training images. Each fake is
+    remade within its batch of the metrics, fakes s .. s + batch - 1 (batch 1: images independent of their batch)."""
     rows = np.argsort(nn_dist[:, 0])[:8]
-    fk = fake_imgs(rows)
+    starts = [int(r) - int(r) % batch for r in rows]
+    fk = torch.cat([fake_imgs(range(s, min(s + batch, len(nn_dist))))[r - s:r - s + 1] for r, s in zip(rows, starts)])
     fk = fk.float() / 127.5 - 1 if fk.dtype == torch.uint8 else fk
     fk = fk if fk.shape[-1] == res else F.interpolate(fk, size=(res, res), mode="bilinear", antialias=True)
     nn = real_idx[nn_idx[rows]]  # feature rows -> dataset indices, [n_rows, k]
     reals = ds.uint8(torch.as_tensor(nn.reshape(-1))).float() / 127.5 - 1
-    k = nn.shape[1]
-    grid = torch.cat([torch.cat([fk[r:r + 1], reals[r * k:(r + 1) * k]]) for r in range(len(rows))])
-    info = [{"fake": int(f), "nn": [int(j) for j in nn[r]], "dist": [float(d) for d in nn_dist[f]]}
-            for r, f in enumerate(rows)]
+    grid = torch.cat([torch.cat([f[None], nns]) for f, nns in zip(fk, reals.chunk(len(rows)))])  # nns: f's k nearest
+    info = [{"fake": int(f), "nn": n.tolist(), "dist": nn_dist[f].tolist()} for f, n in zip(rows, nn)]
     return grid, info
 
 
@@ -562,7 +562,9 @@ def metrics(args, src):
         stats, nn_idx, nn_dist = memorization(real["feats"], fake, ev.device)
         result.update(stats)
         if args.mem_grid:
-            grid, result["mem_grid_rows"] = mem_grid(ds, ev.real_indices(), fake_imgs, nn_idx, nn_dist, src.res)
+            alone = src.sampler is None or src.sampler.batch_independent  # else bn=batch...: remade in their batches
+            grid, result["mem_grid_rows"] = mem_grid(ds, ev.real_indices(), fake_imgs, nn_idx, nn_dist, src.res,
+                                                      1 if alone else args.batch)
             written.append(save_grid(grid, os.path.join(src.out, f"{src.tag}-mem.png"), nrow=nn_idx.shape[1] + 1,
                                      essential=True))
     result.update(src.info, data=src.data, res=src.res, n_fake=int(fake.shape[0]), n_real=int(real["feats"].shape[0]),

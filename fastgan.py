@@ -43,8 +43,8 @@ from common.data import infinite_batches, load_dataset
 from common.diffaug import check_policy, diff_augment
 from common.ema import ema_update, make_ema
 from common.metrics import training_evaluator
-from common.output import (checkpoint_state, log_metrics, prepare_run_dir, Progress, read_resume, resume,
-                           save_checkpoint, save_grid)
+from common.output import (check_checkpoint, checkpoint_state, log_metrics, prepare_run_dir, Progress, read_resume,
+                           resume, save_checkpoint, save_grid)
 from common.run import (add_common_args, autocast, bench as bench_steps, check_finite, compiled, count_params,
                         Distributed, seed_everything, SetupInterrupt, StopOnInterrupt, user_errors, UserError)
 from common.sampling import (batch_stat_bn, BN_MODES, check_bn_mode, check_noise_mode, per_sample_noise,
@@ -583,17 +583,17 @@ class Sampler(SamplerBase):
     def style_mix(self, lat_a, lat_b):
         """Paper Fig. 7: the main path (layout, content) of a, the SLE inputs x_low (style) of b, pairwise."""
         if not self.G.sle:
-            raise UserError("style mixing swaps the SLE inputs, and this generator was trained with --no-sle "
-                            "(it has no SLE): no style-mixing grid for it")
+            raise UserError("style mixing swaps the SLE inputs: this generator, trained with --no-sle, has none")
         return self.generate(lat_a, lat_b)
 
 
 def load_for_sampling(ckpt, device, bn=None, noise="random"):
     """Sampler for ckpt["G_ema"]; bn (eval.py --sampler-opt bn=...) defaults to the run's --sample-bn."""
+    check_checkpoint(ckpt, f"given to {METHOD}.load_for_sampling", METHOD)
     a = ckpt["args"]
     G = Generator(a["res"], a["ngf"], a["nz"], sle=not a["no_sle"]).to(device)
     G.load_state_dict(ckpt["G_ema"])
-    return Sampler(G, a["nz"], device, check_bn_mode(bn or a.get("sample_bn", "recompute")), noise)
+    return Sampler(G, a["nz"], device, bn or a.get("sample_bn", "recompute"), noise)  # the Sampler checks bn
 
 
 if __name__ == "__main__":

@@ -12,8 +12,7 @@ def make_ema(model):
 @torch.no_grad()
 def ema_update(ema, model, beta, copy_buffers=True):
     """p_ema <- beta * p_ema + (1 - beta) * p (torch.lerp, as torch.optim.swa_utils.get_ema_multi_avg_fn). Buffers
-    (BN running stats, w_avg, ...) are copied from `model` when copy_buffers (StyleGAN2-ADA), else left alone
-    (FastGAN: parameters only)."""
+    (BN running stats, w_avg, ...) are copied from `model` when copy_buffers (StyleGAN2-ADA), else left alone."""
     for pe, p in zip(ema.parameters(), model.parameters()):
         pe.lerp_(p.detach().to(pe.dtype), 1.0 - beta)
     if copy_buffers:

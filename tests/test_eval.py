@@ -230,3 +230,47 @@ def test_errors_are_one_clear_line(world, tmp_path, monkeypatch, clean_env):
     r = subprocess.run([sys.executable, "eval.py", str(tmp_path / "nope")], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: checkpoint"), r.stderr
+
+
+def fastgan_ckpt(path, res=32):
+    """A random-init FastGAN checkpoint (minimal widths) whose reference data is digits."""
+    import fastgan as fg
+    torch.manual_seed(0)
+    a = vars(fg.parse_args(["--data", "digits", "--res", str(res), "--ngf", "4", "--ndf", "4", "--nz", "8"]))
+    torch.save({"format": 2, "method": "fastgan", "args": a, "step": 1, "G_ema": fg.Generator(res, 4, 8).state_dict()},
+               path)
+    return str(path)
+
+
+def test_mem_grid_shows_the_measured_fakes_when_images_depend_on_their_batch(world, tmp_path, monkeypatch, clean_env):
+    """bn=batch: an image depends on its batch companions, so each mem-grid fake is remade in its batch of the
+    metrics (--batch 8: fakes 0-7, 8-15, 16-19): the tiles are the images the features were measured on."""
+    measured, features = [], M.Evaluator.features
+    monkeypatch.setattr(M.Evaluator, "features", lambda self, batches: features(
+        self, (measured.append(b) or b if b.dtype != torch.uint8 else b for b in batches)))  # the fakes, not the reals
+    ck = fastgan_ckpt(tmp_path / "fg.pt")
+    E.main([ck, "--metrics", "mem", "--mem-grid", "--n", "20", "--batch", "8", "--sampler-opt", "bn=batch",
+            "--inception", str(world / "tiny.pt"), "--cache-dir", str(tmp_path / "stats"),
+            "--out", str(tmp_path / "o")])
+    measured = torch.cat(measured)
+    rows = [r["fake"] for r in json.load(open(tmp_path / "o" / "fg-metrics.json"))["mem_grid_rows"]]
+    assert measured.shape == (20, 3, 32, 32) and len(rows) == 8
+    mem = tiles(tmp_path / "o" / "fg-mem.png", 32, 4)  # rows: fake, then its 3 nearest training images
+    assert np.abs(mem[::4] - png_u8(measured[rows])).max() <= 1
+    c = torch.load(ck, weights_only=True)
+    s = E.load_sampler(E.import_method(c, ck), c, torch.device("cpu"), {"bn": "batch"})
+    together = s.generate(s.latents(20, 0)[rows])  # the 8 rows remade as one batch: other images
+    assert np.abs(png_u8(together) - png_u8(measured[rows])).max() > 10
+
+
+def test_project_targets_are_at_the_generator_resolution(tmp_path, clean_env):
+    """--res 16 (the reference data's resolution) on a 32 px generator: the --project and --mem-project targets are
+    read at the generator's 32 px."""
+    ck = fastgan_ckpt(tmp_path / "fg.pt")
+    Image.fromarray(np.full((20, 24, 3), 200, np.uint8)).save(tmp_path / "photo.png")
+    E.main([ck, "--metrics", "none", "--res", "16", "--project", str(tmp_path / "photo.png"), "--mem-project", "2",
+            "--steps", "2", "--proj-init", "2", "--sampler-opt", "bn=copy", "--out", str(tmp_path / "o")])
+    proj = tiles(tmp_path / "o" / "fg-project.png", 32, 4)  # the target, then steps 0, 1, 2
+    assert proj.shape[0] == 4 and np.abs(proj[0] - 200).max() <= 1
+    assert tiles(tmp_path / "o" / "fg-memproj.png", 32, 2).shape[0] == 4  # rows: 2 targets, 2 projections
+    assert json.load(open(tmp_path / "o" / "fg-memproj.json"))["res"] == 32

@@ -493,6 +493,17 @@ def test_sampler_bn_modes():
     assert s.bn == "batch" and torch.allclose(s.generate(z), imgs["batch"], atol=1e-6)
 
 
+def test_load_for_sampling_refuses_other_checkpoints_in_one_line():
+    """An older-format checkpoint (no "format": format 1, its args missing today's keys) and another method's are
+    refused by check_checkpoint in one line, before any key of the checkpoint is read."""
+    ckpt = toy_ckpt()
+    old = {k: v for k, v in ckpt.items() if k != "format"} | {"args": {"res": 32}}
+    for bad, what in ((old, "format 1"), ({**ckpt, "method": "insgen"}, "insgen")):
+        with pytest.raises(UserError, match=what) as e:
+            fg.load_for_sampling(bad, "cpu", bn="copy")
+        assert "\n" not in str(e.value)
+
+
 # --------------------------------------------------------------------------------------------- runs (subprocess)
 @pytest.mark.slow
 def test_run_checkpoint_samples_and_resume_equal(tmp_path):
