@@ -7,10 +7,10 @@ are modulated by AdaFM, W' = gamma * W + beta with gamma, beta in R^{C_out x C_i
 
 Implemented: the source GP-GAN (authors' counts: G 100,535,747 / D 108,260,776 params, 1000 classes); the target G =
 8-layer mapping + fc(z) + two style blocks (AdaIN, noise, shortcut) + rescaling + frozen G4 with AdaFM on its 12 3x3
-convs (860,160 params); the target D = frozen D2 + source groups 1-5 + a new fc. Non-saturating loss + R1 on reals
-(10), Adam(1e-4, betas (0, 0.99)), batch 16, EMA 0.999, 60k iterations, AdaFM from --adafm-start (10k) [Sec. 4,
-appendix A]; style mixing [Fig. 12]. --mode: adafm (Fig. 1(h)) | fs (filter selection, 1(d)) | smallhead (1(g)) |
-gphead (1(f)) | transfergan (all fine-tuned) | scratch (1(h), random init) | gpgan (Table 1) | pretrain (train a
+convs (860,160 params); the target D = frozen D2 + source groups 1-5 + a new fc. Non-saturating loss + R1 on reals (the
+authors' 10 = --r1 20), Adam(1e-4, betas (0, 0.99)), batch 16, EMA 0.999, 60k iterations, AdaFM from --adafm-start (10k)
+[Sec. 4, appendix A]; style mixing [Fig. 12]. --mode: adafm (Fig. 1(h)) | fs (filter selection, 1(d)) | smallhead (1(g))
+| gphead (1(f)) | transfergan (all fine-tuned) | scratch (1(h), random init) | gpgan (Table 1) | pretrain (train a
 source, GAN_stability's recipe; --labels auto: class-conditional). --source: the authors' imagenet-8c505f47.pt
 (downloaded once when not given) or a --mode pretrain checkpoint; its non-EMA G is transferred, fc/embedding skipped.
 
@@ -369,12 +369,12 @@ def dataset_labels(args, n):
         from sklearn.datasets import load_digits
         return torch.as_tensor(load_digits().target)
     folder = resolve_folder(args.data, args.data_root)
-    names = [os.path.relpath(p, folder).split(os.sep)[0] for p in list_images(folder)]
-    classes = sorted({c for c in names if not os.path.splitext(c)[1]})
-    if len(classes) < 2 or len(names) != n:
-        raise UserError(f"--labels auto needs images in class subfolders of {folder} (found {len(classes)} "
+    parts = [os.path.relpath(p, folder).split(os.sep) for p in list_images(folder)]   # [class folder, ..., file]
+    classes = sorted({q[0] for q in parts if len(q) > 1})   # any folder name, dots included
+    if len(classes) < 2 or len(parts) != n or any(len(q) == 1 for q in parts):   # an image at the top: no class
+        raise UserError(f"--labels auto needs all images in class subfolders of {folder} (found {len(classes)} "
                         "class folders) and all files readable: use --labels none")
-    return torch.tensor([classes.index(c) if c in classes else 0 for c in names])
+    return torch.tensor([classes.index(q[0]) for q in parts])
 
 
 # ------------------------------------------------------------------------------------------------- one iteration
@@ -531,12 +531,11 @@ def run(args, setup=None):
         check_flags(ck, path, args, ["nlabels"])
     out = prepare_run_dir(args, METHOD, ddp.is_main)
     G, D, opt_G, opt_D, G_ada, D_tr = build_target(args, device, src, out if ddp.is_main else None)  # method
-    G_ema = make_ema(G)   # G has no buffers (no BatchNorm): its EMA averages the parameters only
+    G_ema = make_ema(G)   # G, D have no buffers (no BatchNorm): the EMA averages parameters, DDP broadcasts none
     saved = {"G": G, "D": D, "G_ema": G_ema, "opt_G": opt_G, "opt_D": opt_D}  # checkpoint entry -> its object
     start, best = resume(ck, path, saved, ddp, args) if ck else (0, float("inf"))
     requires_grad(G_ada, start >= args.adafm_start)  # method: AdaFM/FS trains from --adafm-start (before the wrap)
-    G_run, D_run = ddp.wrap(G, broadcast_buffers=False), ddp.wrap(D, broadcast_buffers=False)  # method
-    G_run = compiled(G_run, args.compile)  # method: --compile: G only (R1 needs D's double backward)
+    G_run, D_run = compiled(ddp.wrap(G), args.compile), ddp.wrap(D)  # method: compile G only (R1: D's double backward)
 
     def state(step, **extra):  # the checkpoint (resume() loads the same entries back)
         return checkpoint_state(METHOD, args, step, saved, best_fid=best, **extra)
@@ -555,7 +554,7 @@ def run(args, setup=None):
             step, last = it + 1, it + 1 == args.iters
             if G_ada and it == args.adafm_start:  # method: AdaFM/FS joins the G step: G's DDP wrapper is rebuilt
                 requires_grad(G_ada, True)        # (DDP fixes its parameter list at wrap time)
-                G_run = compiled(ddp.wrap(G, broadcast_buffers=False), args.compile)
+                G_run = compiled(ddp.wrap(G), args.compile)
                 if ddp.is_main:
                     print(f"AdaFM/FS parameters switched on at iteration {it}", flush=True)
             losses = train_step(args, (G, D, G_run, D_run, D_tr), (opt_G, opt_D, device), *next(batches))  # method
@@ -639,7 +638,7 @@ class Sampler(SamplerBase):
 def load_for_sampling(ckpt, device, mix_block=None, noise="random"):
     """The EMA generator of an adafm.py checkpoint; mix_block overrides --mix-block, noise=const picks fixed noise
     maps (eval.py --sampler-opt; see Sampler)."""
-    check_checkpoint(ckpt, "checkpoint", METHOD)
+    check_checkpoint(ckpt, f"given to {METHOD}.load_for_sampling", METHOD)  # "checkpoint given to ... has format 1"
     a = argparse.Namespace(**ckpt["args"])
     G = build(a)[0]
     G.load_state_dict(ckpt["G_ema"])

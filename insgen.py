@@ -31,7 +31,7 @@ Run:
   torchrun --nproc_per_node 8 insgen.py --data DIR --res 256 --cfg paper256
   python insgen.py --data digits --res 16 --cfg auto --cbase 512 --cmax 64 --batch 32 --r1 0.05 --iters 3000   (CPU)
   python insgen.py --bench 16 --res 256 --cfg auto      (s/iteration of InsGen, --query shared and ADA side by side)
-  python eval.py RUN_DIR           (metrics and samples; --psi truncation; --mix-grid here writes style-mixing grids)
+  python eval.py RUN_DIR           (metrics and samples; --psi truncation; --mix a style-mixing grid)
 """
 import argparse
 import math
@@ -64,11 +64,11 @@ TAU, MOMENTUM, PERTURB_STD, LAMBDA_REAL, LAMBDA_FAKE, LAMBDA_G = 0.2, 0.999, 0.1
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_args(p, res=256, batch=None, iters=None, lr=None)  # lr None: 0.0025 (0.002 for auto at >= 1024 px)
+    add_common_args(p, res=256, batch=None, iters=None, lr=None)  # None: filled by check_args from the --cfg table
     p.set_defaults(no_flip=True)  # stylegan2-ada / insgen train.py: --mirror defaults to off
     g = p.add_argument_group("algorithm specific")
     g.add_argument("--cfg", choices=["paper256", "auto"], default="paper256", help="stylegan2-ada's config table")
-    g.add_argument("--cbase", type=int, default=None, help="channel_base: channels = min(cbase/res, cmax) (cfg: 16384)")
+    g.add_argument("--cbase", type=int, help="channels = min(cbase/res, cmax) (cfg: 16384; auto at >= 512 px: 32768)")
     g.add_argument("--cmax", type=int, default=512, help="channel_max")
     g.add_argument("--r1", "--gamma", dest="r1", type=float, default=None,
                    help="R1 weight gamma: (gamma / 2) * mean_b sum (dD(x)/dx)^2, as in adafm.py; NVIDIA's --gamma "
@@ -163,8 +163,7 @@ class InsGenModule(nn.Module):
 # ---------------------------------- the backbone, StyleGAN2-ADA (stylegan2-ada-pytorch): low-level ops (upfirdn2d ref.)
 def setup_filter(taps):  # normalized FIR filter: 2-D outer product under 8 taps ([1,3,3,1] -> 4x4), else 1-D
     f = np.asarray(taps, dtype=np.float64)
-    if f.size < 8:
-        f = np.outer(f, f)
+    f = np.outer(f, f) if f.size < 8 else f
     return torch.tensor(f / f.sum(), dtype=torch.float32)
 
 
@@ -191,8 +190,7 @@ def upfirdn2d(x, f, up=1, down=1, pad=(0, 0, 0, 0), gain=1.0, flip=False):
         return x[:, :, y0: y0 + ho, x0: x0 + wo]
     x = F.pad(x, [max(px0, 0), max(px1, 0), max(py0, 0), max(py1, 0)])
     x = x[:, :, max(-py0, 0): x.shape[2] - max(-py1, 0), max(-px0, 0): x.shape[3] - max(-px1, 0)]
-    if not flip:  # conv2d is a correlation: flip to get a convolution
-        f = f.flip(list(range(f.ndim)))
+    f = f if flip else f.flip(list(range(f.ndim)))  # conv2d is a correlation: flip to get a convolution
     if f.ndim == 2:  # strided conv == full conv then keeping every `down`-th pixel
         return F.conv2d(x, f[None, None].expand(C, 1, *f.shape), groups=C, stride=down)
     x = F.conv2d(x, f[None, None, None, :].expand(C, 1, 1, -1), groups=C, stride=(1, down))  # separable
@@ -200,14 +198,12 @@ def upfirdn2d(x, f, up=1, down=1, pad=(0, 0, 0, 0), gain=1.0, flip=False):
 
 
 def upsample2d(x, f, up=2):
-    fw = f.shape[-1]
-    p0, p1 = (fw + up - 1) // 2, (fw - up) // 2
+    p0, p1 = (f.shape[-1] + up - 1) // 2, (f.shape[-1] - up) // 2
     return upfirdn2d(x, f, up=up, pad=(p0, p1, p0, p1), gain=up * up)
 
 
 def downsample2d(x, f, down=2, padding=0, flip=False):
-    fw = f.shape[-1]
-    p0, p1 = padding + (fw - down + 1) // 2, padding + (fw - down) // 2
+    p0, p1 = padding + (f.shape[-1] - down + 1) // 2, padding + (f.shape[-1] - down) // 2
     return upfirdn2d(x, f, down=down, pad=(p0, p1, p0, p1), flip=flip)
 
 
@@ -766,16 +762,14 @@ def check_args(args, world=None):
     if res < 8 or res > 1024 or res & (res - 1):
         raise UserError(f"--res {res} is not supported: use a power of two from 8 to 1024")
     if args.cfg == "paper256":
-        c = dict(batch=64, mbstd=8, cbase=16384, r1=1.0, ema_kimg=20.0, rampup=None, map=8)
+        c = dict(batch=64, mbstd=8, cbase=16384, r1=1.0, ema_kimg=20.0, rampup=None, map=8, lr=0.0025)
     else:  # 'auto': batch = gpus*min(4096/res, 32) capped at 64, r1 from a heuristic, mbstd fixed at 4
         b = max(min(world * min(4096 // res, 32), 64), world)
-        c = dict(batch=b, mbstd=min(b // world, 4), cbase=32768 if res >= 512 else 16384,
-                 r1=0.0002 * res ** 2 / b, ema_kimg=b * 10 / 32, rampup=0.05, map=2)
+        c = dict(batch=b, mbstd=min(b // world, 4), cbase=32768 if res >= 512 else 16384, map=2,
+                 r1=0.0002 * res ** 2 / b, ema_kimg=b * 10 / 32, rampup=0.05, lr=0.002 if res >= 1024 else 0.0025)
     for k, v in c.items():  # rampup is not a flag: always the table's
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    if args.lr is None:
-        args.lr = 0.002 if args.cfg == "auto" and res >= 1024 else 0.0025  # cfg_specs: auto's lrate at >= 1024
     if args.iters is None:
         args.iters = 25000 * 1000 // args.batch  # the reference's 25,000 kimg
     if args.queue is not None and args.queue < 1:
@@ -990,7 +984,7 @@ def build_generator(a):
 
 def load_for_sampling(ckpt, device, psi=None, noise="random"):
     """The EMA generator of a checkpoint; psi (eval.py --psi) overrides the run's --psi; noise: see Sampler."""
-    check_checkpoint(ckpt, "checkpoint", "insgen")
+    check_checkpoint(ckpt, f"given to {METHOD}.load_for_sampling", METHOD)  # "checkpoint given to ... has format 1"
     G = build_generator(ckpt["args"]).to(device)
     G.load_state_dict(ckpt["G_ema"])
     return Sampler(G, device, float(psi) if psi is not None else ckpt["args"].get("psi", 1.0), noise)

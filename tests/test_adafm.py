@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -144,12 +145,16 @@ def test_sampling_noise_is_per_sample_and_batch_independent():
     torch.testing.assert_close(cond.sample(12, seed=1, batch=5), cond.sample(12, seed=1, batch=32), atol=1e-5, rtol=0)
 
 
-def test_no_batchnorm_or_buffers_in_the_generator():
-    """EMA sampling cannot depend on batch statistics: the generator has no BatchNorm and no buffers at all."""
+def test_no_batchnorm_or_buffers_in_the_networks():
+    """EMA sampling cannot depend on batch statistics: the generator has no BatchNorm and no buffers at all; nor has D,
+    so the DDP wraps leave broadcast_buffers at its default (nothing to broadcast), conditional sources included."""
     for mode in adafm.MODES:
-        G = target(mode)[1]
-        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in G.modules()), mode
-        assert not list(G.buffers()), mode
+        for nlabels in (0, 3):
+            a = target(mode)[0]
+            a.nlabels = nlabels
+            for net in adafm.build(a):
+                assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()), mode
+                assert not list(net.buffers()), (mode, nlabels, type(net).__name__)
 
 
 def test_style_init_and_adain_gradient_clamp_match_the_authors():
@@ -505,6 +510,34 @@ def test_flags_and_resume_are_checked_before_the_data_is_read(tmp_path, monkeypa
     a = vars(adafm.parse_args(TINY + ["--mode", "scratch"]))
     torch.save({"format": 2, "method": "adafm", "args": {**a, "nf": 8, "nlabels": 0}}, last)
     assert "trained with --nf 8, this run asks for 4" in error(resume)
+
+
+def test_labels_auto_needs_every_image_in_a_class_folder(tmp_path, one_line_error):
+    """--labels auto: a class is a first-level folder, whatever its name (dots included); an image at the top level of
+    --data has no class and fails with one line (it used to get label 0 silently, as did every dotted folder's)."""
+    from PIL import Image
+
+    def image(rel):
+        (tmp_path / "set" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "set" / rel)
+
+    for rel in ("a.v1/0.png", "a.v1/1.png", "b/0.png", "b/sub/1.png"):
+        image(rel)
+    a = SimpleNamespace(data=str(tmp_path / "set"), data_root=None)
+    assert adafm.dataset_labels(a, 4).tolist() == [0, 0, 1, 1]   # b/sub/1.png: class b
+    image("top.png")
+    with pytest.raises(UserError, match="needs all images in class subfolders"):
+        adafm.dataset_labels(a, 5)
+    args = ["--mode", "pretrain", "--labels", "auto", "--data", a.data, "--res", "32", "--nf", "4", "--out",
+            str(tmp_path / "run")]
+    assert "--labels auto needs all images in class subfolders" in one_line_error(adafm.main, args)
+
+
+def test_load_for_sampling_refuses_other_checkpoints_in_one_readable_line():
+    with pytest.raises(UserError, match=r"^checkpoint given to adafm\.load_for_sampling has format 1, this code"):
+        adafm.load_for_sampling({"format": 1, "method": "adafm", "args": {}}, "cpu")
+    with pytest.raises(UserError, match=r"given to adafm\.load_for_sampling was written by 'disp', not 'adafm'"):
+        adafm.load_for_sampling({"format": 2, "method": "disp", "args": {}}, "cpu")
 
 
 def test_ctrl_c_during_set_up_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):

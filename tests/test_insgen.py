@@ -71,6 +71,7 @@ def test_cfg_table():
     assert a.lr == 0.0025 and cfg("--cfg", "auto", "--res", "1024").lr == 0.002  # cfg_specs
     assert cfg("--cfg", "paper256", "--res", "1024").lr == 0.0025
     assert cfg("--res", "1024", "--lr", "0.01").lr == 0.01
+    assert cfg("--cfg", "auto", "--res", "512").cbase == 32768  # as the --cbase help says
     with pytest.raises(UserError, match="--queue 0"):
         cfg("--queue", "0")
 
@@ -672,6 +673,10 @@ def test_resume_is_checked_before_the_data_is_read(tmp_path, monkeypatch, one_li
     assert "written by 'adafm', not 'insgen'" in one_line_error(I.main, args)
     torch.save({"format": 1, "method": "insgen", "args": {}}, last)  # no compatibility with older checkpoints
     assert "has format 1" in one_line_error(I.main, args)
+    with pytest.raises(UserError, match=r"^checkpoint given to insgen\.load_for_sampling has format 1, this code"):
+        I.load_for_sampling({"format": 1, "method": "insgen", "args": {}}, "cpu")
+    with pytest.raises(UserError, match=r"given to insgen\.load_for_sampling was written by 'adafm', not 'insgen'"):
+        I.load_for_sampling({"format": 2, "method": "adafm", "args": {}}, "cpu")
     a = vars(cfg(*TINY))
     torch.save({"format": 2, "method": "insgen", "args": {**a, "cmax": 64}}, last)
     assert "trained with --cmax 64, this run asks for 32: the architecture" in one_line_error(I.main, args)
