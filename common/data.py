@@ -71,7 +71,7 @@ def load_image(path, res, crop="squash"):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Streams files; an unreadable file is replaced by the next readable one and counted."""
+    """Streams files; an unreadable file is replaced by the next readable one, with a warning that names it."""
 
     def __init__(self, paths, res, crop):
         self.paths, self.res, self.crop = paths, res, crop
@@ -102,9 +102,9 @@ class Dataset:
         return self.images[idx] if self.images is not None else torch.stack([self.files[int(i)] for i in idx])
 
 
-def load_dataset(data, res, data_root="data", crop="squash", in_memory=None, workers=0):
+def load_dataset(data, res, data_root="data", crop="squash", in_memory=None):
     """'digits', a folder or a dataset name under data_root -> a Dataset, held as uint8 when <= IN_MEMORY_BYTES at this
-    size, else streamed. Unreadable files are skipped with one warning that counts them."""
+    size (unreadable files skipped, one warning counts them), else streamed (ImageFiles: a warning per bad file)."""
     if data == "digits":  # the default, no download: sklearn's 1,797 8x8 digits, white on black, bicubic to res
         from sklearn.datasets import load_digits
         d = load_digits().images.astype(np.float32) * (255.0 / 16.0)

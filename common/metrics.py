@@ -14,7 +14,8 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-from common.run import UserError
+from common.output import writing
+from common.run import error_line, UserError
 
 PROTOCOL = "inception-2015-12-05/stylegan2-ada"
 FILENAME = "inception-2015-12-05.pt"
@@ -52,10 +53,10 @@ def download_weights(dest):
     sha256 in dest.sha256 (trust on first use). Returns None on success, else the errors."""
     env = os.environ.get("GAN_INCEPTION_URL")
     urls = URLS if env is None else [u.strip() for u in env.split(",") if u.strip().lower() not in ("", "none", "off")]
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     errors, tmp = [], dest + ".tmp"
     for url in urls:
         try:
+            os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)  # a cache that cannot be made is this URL's error
             with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as r, open(tmp, "wb") as f:
                 print(f"downloading {url} -> {dest}", flush=True)
                 shutil.copyfileobj(r, f)
@@ -67,7 +68,7 @@ def download_weights(dest):
                 f.write(sha256_file(dest) + "\n")
             return None
         except Exception as e:  # network errors, HTTP errors, bad files: try the next URL
-            errors.append(f"{url}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+            errors.append(f"{url}: {error_line(e, 120)}")
             if os.path.exists(tmp):
                 os.remove(tmp)
     return errors or ["downloading is disabled (GAN_INCEPTION_URL=none)"]
@@ -360,11 +361,8 @@ class Evaluator:
                               for i in range(0, len(idx), self.batch))
         mu, sigma = feature_stats(feats)
         self._real = {"mu": mu, "sigma": sigma, "feats": feats}
-        os.makedirs(self.cache_dir, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, feats=feats, protocol=self.protocol)
-        os.replace(tmp, path)
+        with writing(path, essential=False) as tmp, open(tmp, "wb") as f:  # a speed-up: unwritable, it warns once
+            np.savez(f, mu=mu, sigma=sigma, feats=feats, protocol=self.protocol)  # a file object: no .npz added
         return self._real
 
     def compute(self, fake_feats, metrics=("fid", "kid"), k=3, k_recall=None):

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import torch.distributed
 
-from common.run import UserError, seed_everything
+from common.run import error_line, UserError, seed_everything
 
 FORMAT = 2  # checkpoint format: older checkpoints are refused (check_checkpoint)
-_SAVED = {"path": None, "step": None}  # the last checkpoint written or resumed: what a failed write reports as safe
+_SAVED = {"path": None, "step": None}  # the last last.pt written, or the one resumed: what a failed write reports
 _WARNED = set()
 
 
@@ -28,12 +28,17 @@ def writing(path, essential=True, atomic=True):
     corrupts a run. On an OSError the temp file goes; an essential file (checkpoint, args.json, metrics.jsonl) ends the
     run with one UserError line (file, reason, last good checkpoint), another (grids, TensorBoard) warns once."""
     tmp = path + ".tmp" if atomic else path
+    made = None
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    except OSError as e:
+        made = e  # the body's write into the missing folder fails too; this is the reason reported
+    try:
         yield tmp
         if atomic:
             os.replace(tmp, path)
     except OSError as e:
+        e = made or e
         if atomic:
             with suppress(OSError):
                 os.remove(tmp)
@@ -50,8 +55,9 @@ def warn_once(path, e):
     """One warning per folder (samples/, tb/): a run that cannot write its pictures says so once and goes on."""
     if os.path.dirname(path) not in _WARNED:
         _WARNED.add(os.path.dirname(path))
-        print(f"warning: cannot write {path} ({os.strerror(e.errno).lower() if e.errno else e}); training goes on "
-              "(not needed to resume; further failures in that folder are not reported)", file=sys.stderr, flush=True)
+        reason = os.strerror(e.errno).lower() if e.errno else e
+        print(f"warning: cannot write {path} ({reason}); going on without it (not needed to resume; further failures "
+              "in that folder are not reported)", file=sys.stderr, flush=True)
 
 
 def prepare_run_dir(args, method, is_main=True):
@@ -190,14 +196,14 @@ def save_grid(images, path, nrow=None, essential=False):
 
 def save_checkpoint(obj, path):
     """torch.save via `writing`, serialised in memory first so a failed write is an OSError with its reason
-    (torch.save's own file writer says 'unexpected pos'). Records the file as the last good checkpoint."""
+    (torch.save's own file writer says 'unexpected pos'). A last.pt is recorded as the last good checkpoint."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     with writing(path) as tmp, open(tmp, "wb") as f:
         f.write(buf.getbuffer())
         f.flush()
         os.fsync(f.fileno())
-    if isinstance(obj, dict) and "step" in obj:
+    if os.path.basename(path) == "last.pt" and isinstance(obj, dict) and "step" in obj:  # what --resume auto loads
         _SAVED.update(path=path, step=obj["step"])
 
 
@@ -205,9 +211,9 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist: pass the path of a .pt file or a run directory")
+        raise UserError(f"checkpoint {path} does not exist: pass the path of an existing checkpoint .pt file")
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+        raise UserError(f"cannot read checkpoint {path} ({error_line(e)}): "
                         "is it a complete file written by this project?")
 
 
@@ -283,8 +289,8 @@ def load_state_dicts(ckpt, path, saved):
         for k, obj in saved.items():
             obj.load_state_dict(ckpt[k])
     except (RuntimeError, KeyError, ValueError) as e:
-        raise UserError(f"checkpoint {path} does not match the networks these flags build ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:160]}): use the run's own flags, or a new --out")
+        raise UserError(f"checkpoint {path} does not match the networks these flags build ({error_line(e, 160)}): "
+                        "use the run's own flags, or a new --out")
 
 
 def resume(ckpt, path, saved, ddp, args):
@@ -292,7 +298,9 @@ def resume(ckpt, path, saved, ddp, args):
     load_state_dicts(ckpt, path, saved)
     step = ckpt["step"]
     restore_rng(ckpt["rng"], ddp.rank, args.seed, step)
-    _SAVED.update(path=path, step=step)
+    mine = run_checkpoint(args)
+    if mine and os.path.samefile(path, mine):  # only this run's last.pt is what --resume auto continues
+        _SAVED.update(path=path, step=step)
     if ddp.is_main:
         print(f"resumed from {path} at iteration {step}", flush=True)
     return step, ckpt.get("best_fid", float("inf"))

@@ -1,5 +1,6 @@
 """Running a method script: user errors (one line, exit 2), the shared flags, seeding, the device and torchrun's
 process group, NaN checks, Ctrl-C, --bench timing, autocast and torch.compile."""
+import argparse
 import math
 import os
 import random
@@ -28,6 +29,19 @@ def user_errors():
         sys.exit(2)
 
 
+def error_line(e, limit=200):
+    """'Type: first line of the message' of an exception, the line cut to `limit` characters ('Type' if empty)."""
+    line = (str(e).splitlines() or [""])[0][:limit]
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
+def positive_int(s):
+    """argparse type of the --*-every flags: a whole number >= 1 (the loops divide by it)."""
+    if not s.isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {s!r}: pass a whole number >= 1")
+    return int(s)
+
+
 def add_common_args(p, *, res, batch, iters, lr, data="digits", sample_every=1000, ckpt_every=1000,
                     eval_every=0, eval_n=5000, log_every=100):
     """The flags every method script shares, with the same names and meanings; defaults are the method's paper's."""
@@ -51,9 +65,10 @@ def add_common_args(p, *, res, batch, iters, lr, data="digits", sample_every=100
                    help="torch.compile the networks without a double backward (the script's docstring says which) "
                    "in this mode (bare --compile: default; reduce-overhead: CUDA graphs); slow first iterations")
     g.add_argument("--workers", type=int, default=2, help="data-loading workers for large (streamed) datasets")
-    g.add_argument("--log-every", type=int, default=log_every, help="print a progress line every N iterations")
-    g.add_argument("--sample-every", type=int, default=sample_every, help="write samples/<step>.png every N iterations")
-    g.add_argument("--ckpt-every", type=int, default=ckpt_every, help="write ckpt/last.pt every N iterations")
+    g.add_argument("--log-every", type=positive_int, default=log_every, help="print a progress line every N iterations")
+    g.add_argument("--sample-every", type=positive_int, default=sample_every,
+                   help="write samples/<step>.png every N iterations")
+    g.add_argument("--ckpt-every", type=positive_int, default=ckpt_every, help="write ckpt/last.pt every N iterations")
     g.add_argument("--eval-every", type=int, default=eval_every, help="FID/KID every N iterations (0: off)")
     g.add_argument("--eval-n", type=int, default=eval_n, help="generated images per evaluation")
     g.add_argument("--inception", default=None, help="local path of inception-2015-12-05.pt (env GAN_INCEPTION)")
@@ -125,8 +140,10 @@ def check_finite(losses, step, out=None):
     """Stop with one clear line on NaN/inf instead of writing broken checkpoints."""
     for k, v in losses.items():
         if not math.isfinite(float(v)):
-            where = f"; the last good checkpoint is {os.path.join(out, 'ckpt', 'last.pt')}" if out else ""
-            raise UserError(f"loss {k} became {float(v)} at iteration {step}: lower --lr or run without --amp{where}")
+            last = os.path.join(out or "", "ckpt", "last.pt")
+            where = f"the last good checkpoint is {last}" if os.path.isfile(last) else "no checkpoint was written yet"
+            raise UserError(f"loss {k} became {float(v)} at iteration {step}: lower --lr or run without --amp"
+                            f"{'; ' + where if out else ''}")
 
 
 class StopOnInterrupt:
@@ -209,7 +226,8 @@ def compiled(model, mode):
     if not mode:
         return model
     import torch._dynamo
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # older torch
+    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
     return torch.compile(model, mode=None if mode == "default" else mode)
 
 

@@ -7,7 +7,7 @@ import socket
 import torch
 import torch.nn as nn
 
-from common.run import UserError
+from common.run import error_line, UserError
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's ImageNet VGG16
 LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
@@ -27,15 +27,14 @@ def fetch(url, path=None, flag="--weights", file_name=None, download=True):
     how = f"fetch {url} into {dst} or pass {flag} PATH"
     if not download:
         raise UserError(f"{dst} does not exist: {how}")
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
     print(f"downloading {url} -> {dst}", flush=True)
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(TIMEOUT)
     try:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)  # a hub folder that cannot be made: one UserError too
         torch.hub.download_url_to_file(url, dst, progress=False)
     except Exception as e:
-        raise UserError(f"cannot download {url} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}):"
-                        f" offline? {how}") from None
+        raise UserError(f"cannot download {url} ({error_line(e, 120)}): offline? {how}") from None
     finally:
         socket.setdefaulttimeout(old)
     return dst
@@ -97,6 +96,6 @@ def load_lpips(vgg=None, lin=None, download=True):
         net.features.load_state_dict({k[len("features."):]: v for k, v in vgg.items() if k.startswith("features.")})
         net.lins.load_state_dict({f"{k[3]}.weight": v for k, v in lin.items() if k.endswith("model.1.weight")})
     except RuntimeError as e:
-        raise UserError(f"the LPIPS weight files do not fit ({str(e).splitlines()[0][:120]}): pass torchvision's "
+        raise UserError(f"the LPIPS weight files do not fit ({error_line(e, 120)}): pass torchvision's "
                         "vgg16-397923af.pth as --vgg-weights and LPIPS v0.1 vgg.pth as --lpips-weights") from None
     return net
